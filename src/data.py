@@ -1,0 +1,280 @@
+"""Data: image records, ground-truth boxes, the ILIAS layout, manifests, folders.
+
+This module knows files and boxes, never features. Every image is an
+``ImageRecord`` whose ``id`` is its path relative to the dataset's image root
+(``ilias_core/`` for ILIAS, so an id's first component is its instance, as in
+ILIAS's own similarity files). Boxes are ``(x, y, w, h)`` in original pixels,
+top-left origin.
+
+Manifest schema (``query.json`` / ``gallery.json``)::
+
+    {"version": 1,
+     "images": [{"id": "bold_bimp_000/pos/P000_00.jpg",   # unique, ranked-list id
+                 "path": "ilias_core/bold_bimp_000/pos/P000_00.jpg",  # relative to dataset.root
+                 "instance": "bold_bimp_000",              # null for distractors/unlabelled
+                 "boxes": [[x, y, w, h], ...],             # [] when unannotated
+                 "width": 1024, "height": 768}, ...]}
+
+A manifest pins a subset: delete entries to evaluate on fewer images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .cache import atomic_write_text
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+MANIFEST_VERSION = 1
+
+
+class DataError(ValueError):
+    """Bad input data; the message is one line that names the file."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of a query set or gallery."""
+
+    id: str
+    path: Path
+    instance: str | None = None
+    boxes: tuple[tuple[float, float, float, float], ...] = ()
+    width: int = 0
+    height: int = 0
+
+    @property
+    def boxes_array(self) -> np.ndarray:
+        return np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)
+
+    @property
+    def object_scale(self) -> float:
+        """Largest ground-truth box area over image area (ILIAS scale groups)."""
+        if not self.boxes or not self.width or not self.height:
+            return float("nan")
+        return max(w * h for _, _, w, h in self.boxes) / float(self.width * self.height)
+
+    def file_signature(self) -> str:
+        """Cheap change detector for caches: size and modification time."""
+        stat = self.path.stat()
+        return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
+@dataclass
+class Dataset:
+    """Queries and gallery of one evaluation (or a bare gallery)."""
+
+    name: str
+    root: Path
+    queries: list[ImageRecord] = field(default_factory=list)
+    gallery: list[ImageRecord] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def positives_of(self, instance: str | None) -> dict[str, np.ndarray]:
+        """Gallery ids showing ``instance`` -> their ground-truth boxes."""
+        return {r.id: r.boxes_array for r in self.gallery if instance and r.instance == instance}
+
+
+# ----------------------------------------------------------------------------- images
+
+Image.MAX_IMAGE_PIXELS = 178_956_970  # PIL's own default, stated explicitly
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open an image as RGB with EXIF orientation applied; DataError on any failure.
+
+    Grayscale, palette, CMYK, 16-bit and alpha images are converted (alpha
+    composited on white).
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image = ImageOps.exif_transpose(image)
+                image.load()
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataError(f"{path}: image too large (decompression-bomb limit: {err})") from None
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except Exception as err:  # PIL raises many types for corrupt data
+        raise DataError(f"{path}: unreadable image ({type(err).__name__}: {err})") from None
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = array.max() or 1.0
+        image = Image.fromarray((array * (255.0 / top)).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return image.convert("RGB")
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, read from the header only."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except Exception as err:
+        raise DataError(f"{path}: unreadable image ({type(err).__name__}: {err})") from None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+# ----------------------------------------------------------------------------- boxes
+
+def read_box_file(path: Path, width: int, height: int) -> tuple[tuple[float, float, float, float], ...]:
+    """Parse an ILIAS ``_bbox.txt`` (one ``x y w h`` line per box) and check it.
+
+    A box may touch the border; one that leaves the image by more than a
+    pixel, or has a non-positive size, is an error naming file and line.
+    """
+    boxes = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.replace(",", " ").split()
+        try:
+            x, y, w, h = (float(p) for p in parts)
+        except ValueError:
+            raise DataError(f"{path}:{number}: expected 'x y w h', got {line.strip()!r}") from None
+        if w <= 0 or h <= 0:
+            raise DataError(f"{path}:{number}: box size must be positive, got w={w:g} h={h:g}")
+        if x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:
+            raise DataError(
+                f"{path}:{number}: box ({x:g}, {y:g}, {w:g}, {h:g}) lies outside the {width}x{height} image"
+            )
+        x0, y0 = max(x, 0.0), max(y, 0.0)
+        boxes.append((x0, y0, min(x + w, width) - x0, min(y + h, height) - y0))
+    if not boxes:
+        raise DataError(f"{path}: box file has no 'x y w h' line")
+    return tuple(boxes)
+
+
+# ----------------------------------------------------------------------------- layouts
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _record(path: Path, id_root: Path, instance: str | None, with_boxes: bool) -> ImageRecord:
+    width, height = image_size(path)
+    boxes = ()
+    box_file = path.with_name(path.stem + "_bbox.txt")
+    if with_boxes and box_file.exists():
+        boxes = read_box_file(box_file, width, height)
+    return ImageRecord(
+        id=path.relative_to(id_root).as_posix(), path=path, instance=instance,
+        boxes=boxes, width=width, height=height,
+    )
+
+
+def read_ilias_layout(
+    root: Path, core_dir: str = "ilias_core", distractors: str | None = None
+) -> Dataset:
+    """Read ILIAS's native layout: ``<root>/<core_dir>/<instance>/{query,pos}/*``.
+
+    ``distractors`` (a folder, relative to ``root`` or absolute) adds its
+    images to the gallery unlabelled; their ids are ``"<folder name>/..."``.
+    """
+    root = Path(root)
+    core = root / core_dir
+    if not core.is_dir():
+        raise DataError(f"{core}: dataset folder not found (expected ILIAS layout <root>/{core_dir}/<instance>/query|pos)")
+    instances = sorted(p for p in core.iterdir() if p.is_dir())
+    if not instances:
+        raise DataError(f"{core}: dataset folder is empty (no instance folders)")
+    dataset = Dataset(name=root.name, root=root)
+    for folder in instances:
+        for role, target in (("query", dataset.queries), ("pos", dataset.gallery)):
+            sub = folder / role
+            if sub.is_dir():
+                for path in sorted(filter(_is_image, sub.iterdir())):
+                    target.append(_record(path, core, folder.name, with_boxes=True))
+    if distractors:
+        folder = Path(distractors) if Path(distractors).is_absolute() else root / distractors
+        if not folder.is_dir():
+            raise DataError(f"{folder}: distractor folder not found")
+        for path in sorted(filter(_is_image, folder.rglob("*"))):
+            dataset.gallery.append(_record(path, folder.parent, None, with_boxes=False))
+    if not dataset.queries:
+        raise DataError(f"{core}: no query images found under <instance>/query/")
+    return dataset
+
+
+def read_folder(root: Path) -> Dataset:
+    """Any folder tree of images as an unlabelled gallery; unreadable files are skipped and listed."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: folder not found")
+    dataset = Dataset(name=root.name, root=root)
+    for path in sorted(filter(_is_image, root.rglob("*"))):
+        try:
+            dataset.gallery.append(_record(path, root, None, with_boxes=False))
+        except DataError as err:
+            dataset.skipped.append(str(err))
+    if not dataset.gallery:
+        raise DataError(f"{root}: no readable images found ({', '.join(IMAGE_EXTENSIONS)})")
+    return dataset
+
+
+# ----------------------------------------------------------------------------- manifests
+
+def write_manifest(path: Path, records: Iterable[ImageRecord], root: Path) -> None:
+    """Write records as a manifest (schema in the module docstring), atomically."""
+    images = [
+        {
+            "id": r.id,
+            "path": os.path.relpath(r.path, root),
+            "instance": r.instance,
+            "boxes": [list(b) for b in r.boxes],
+            "width": r.width,
+            "height": r.height,
+        }
+        for r in records
+    ]
+    atomic_write_text(Path(path), json.dumps({"version": MANIFEST_VERSION, "images": images}, indent=1))
+
+
+def read_manifest(path: Path, root: Path) -> list[ImageRecord]:
+    """Read a manifest; paths are resolved against the dataset root."""
+    path, root = Path(path), Path(root)
+    try:
+        content = json.loads(path.read_text())
+        entries = content["images"]
+        records = [
+            ImageRecord(
+                id=e["id"], path=root / e["path"], instance=e.get("instance"),
+                boxes=tuple(tuple(float(v) for v in b) for b in e.get("boxes", [])),
+                width=int(e.get("width", 0)), height=int(e.get("height", 0)),
+            )
+            for e in entries
+        ]
+    except FileNotFoundError:
+        raise DataError(f"{path}: manifest not found") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{path}: not a valid manifest ({type(err).__name__}: {err})") from None
+    if content.get("version") != MANIFEST_VERSION:
+        raise DataError(f"{path}: manifest version {content.get('version')} (expected {MANIFEST_VERSION})")
+    missing = [r.path for r in records if not r.path.exists()]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} listed images are missing, first: {missing[0]}")
+    return records

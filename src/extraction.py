@@ -1,0 +1,239 @@
+"""Extraction: pyramid patches of many images -> descriptors, cached and resumable.
+
+A ``FeatureStore`` is one folder per (encoder fingerprint, pyramid level,
+patch mode, image region) under ``features/``, named
+``<model>.<mode>.L<level>[.bbox]-<hash>``. It holds chunk files, each an
+atomic ``.npz`` with, for a run of images: ids, file signatures (size +
+mtime), per-image offsets into the patch arrays, patch vectors, patch boxes
+and a per-image error message (empty when the image was read). An image is
+reused when its id *and* signature are found, so
+
+- a second identical run extracts nothing,
+- a run killed mid-way resumes after its last finished chunk,
+- adding photos to a folder extracts only the new ones,
+- a truncated chunk file is detected, moved aside and its images re-extracted,
+- batch size, workers and device never enter the key (they do not change
+  the content).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from loguru import logger
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+from tqdm import tqdm
+
+from .cache import CacheError, atomic_write_text, content_key, load_arrays, save_arrays, sweep_temporaries
+from .data import DataError, ImageRecord, load_image
+from .model import LoadedModel, encode
+from .pyramid import level_boxes
+
+STORE_FORMAT = 1
+
+
+@dataclass
+class PatchFeatures:
+    """Patch descriptors of a list of images, all levels concatenated."""
+
+    vectors: np.ndarray  # (n, d) float32, L2-normalised
+    image: np.ndarray    # (n,) int64 index into the record list
+    boxes: np.ndarray    # (n, 4) float32 (x, y, w, h) original pixels
+    level: np.ndarray    # (n,) int8
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def select(self, mask: np.ndarray) -> "PatchFeatures":
+        return PatchFeatures(self.vectors[mask], self.image[mask], self.boxes[mask], self.level[mask])
+
+    @staticmethod
+    def concat(parts: Sequence["PatchFeatures"]) -> "PatchFeatures":
+        return PatchFeatures(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("vectors", "image", "boxes", "level")))
+
+
+@dataclass
+class ExtractStats:
+    extracted: int = 0
+    reused: int = 0
+    failed: list[str] | None = None
+    seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------- store
+
+class FeatureStore:
+    """Chunked, content-keyed feature cache of one (model, level, mode, region)."""
+
+    def __init__(self, root: Path, model_name: str, fingerprint: dict, level: int, mode: str, region: str):
+        self.fingerprint = {"format": STORE_FORMAT, "model": fingerprint, "level": level, "mode": mode, "region": region}
+        suffix = "" if region == "full" else f".{region}"
+        self.folder = Path(root) / f"{model_name}.{mode}.L{level}{suffix}-{content_key(self.fingerprint)}"
+        self.level, self.mode, self.region = level, mode, region
+        self._entries: dict[str, tuple[str, Path, int]] | None = None
+
+    def open(self) -> None:
+        """Create the folder with its meta file, or check that an existing one matches."""
+        meta = self.folder / "meta.json"
+        if meta.exists():
+            try:
+                stored = json.loads(meta.read_text())
+            except ValueError:
+                raise CacheError(f"{meta}: corrupt cache metadata; delete {self.folder} to rebuild") from None
+            if stored != json.loads(json.dumps(self.fingerprint)):
+                raise CacheError(f"{meta}: stale cache (built with other settings); delete {self.folder} to rebuild")
+        else:
+            atomic_write_text(meta, json.dumps(self.fingerprint, indent=1, sort_keys=True))
+        sweep_temporaries(self.folder)
+
+    def chunk_paths(self) -> list[Path]:
+        return sorted(self.folder.glob("chunk-*.npz"))
+
+    def entries(self) -> dict[str, tuple[str, Path, int]]:
+        """id -> (signature, chunk file, position in chunk); later chunks win."""
+        if self._entries is None:
+            self._entries = {}
+            for path in self.chunk_paths():
+                try:
+                    ids = load_arrays(path)
+                except CacheError as err:
+                    logger.warning(f"{err}; moved aside, its images will be extracted again")
+                    path.rename(path.with_suffix(".corrupt"))
+                    continue
+                for position, (image_id, signature) in enumerate(zip(ids["ids"], ids["signatures"])):
+                    self._entries[str(image_id)] = (str(signature), path, position)
+        return self._entries
+
+    def missing(self, records: Sequence[ImageRecord]) -> list[ImageRecord]:
+        entries = self.entries()
+        return [r for r in records if entries.get(r.id, ("",))[0] != r.file_signature()]
+
+    def write_chunk(self, ids: list[str], signatures: list[str], counts: list[int], vectors: np.ndarray,
+                    boxes: np.ndarray, errors: list[str], dim: int) -> None:
+        number = len(self.chunk_paths())
+        path = self.folder / f"chunk-{number:06d}.npz"
+        while path.exists():
+            number += 1
+            path = self.folder / f"chunk-{number:06d}.npz"
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        save_arrays(path, ids=np.asarray(ids, dtype=str), signatures=np.asarray(signatures, dtype=str),
+                    offsets=offsets, vectors=vectors.reshape(-1, dim).astype(np.float32),
+                    boxes=boxes.reshape(-1, 4).astype(np.float32), errors=np.asarray(errors, dtype=str))
+        for position, (image_id, signature) in enumerate(zip(ids, signatures)):
+            self.entries()[image_id] = (signature, path, position)
+
+    def gather(self, records: Sequence[ImageRecord], expected_dim: int | None = None) -> tuple[PatchFeatures, list[str]]:
+        """Features of ``records`` (all found in the store), in record order; also the read errors."""
+        entries = self.entries()
+        by_chunk: dict[Path, list[tuple[int, int]]] = {}
+        for index, record in enumerate(records):
+            by_chunk.setdefault(entries[record.id][1], []).append((index, entries[record.id][2]))
+        pieces: list[tuple[int, np.ndarray, np.ndarray]] = []
+        errors: list[str] = []
+        for path, wanted in by_chunk.items():
+            arrays = load_arrays(path)
+            dim = arrays["vectors"].shape[1]
+            if expected_dim is not None and dim != expected_dim:
+                raise CacheError(f"{path}: feature dimension {dim} does not match the model's {expected_dim}; stale cache")
+            for index, position in wanted:
+                start, stop = arrays["offsets"][position], arrays["offsets"][position + 1]
+                pieces.append((index, arrays["vectors"][start:stop], arrays["boxes"][start:stop]))
+                if arrays["errors"][position]:
+                    errors.append(str(arrays["errors"][position]))
+        pieces.sort(key=lambda piece: piece[0])
+        dim = pieces[0][1].shape[1] if pieces else (expected_dim or 0)
+        vectors = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros((0, dim), np.float32)
+        boxes = np.concatenate([p[2] for p in pieces]) if pieces else np.zeros((0, 4), np.float32)
+        image = np.concatenate([np.full(len(p[1]), p[0], np.int64) for p in pieces]) if pieces else np.zeros(0, np.int64)
+        return PatchFeatures(vectors, image, boxes, np.full(len(image), self.level, np.int8)), errors
+
+
+# ----------------------------------------------------------------------------- crop-mode extraction
+
+class _CropDataset(TorchDataset):
+    """Image i -> (its patches preprocessed (n, 3, S, S), their boxes (n, 4), error message)."""
+
+    def __init__(self, records: Sequence[ImageRecord], level: int, region: str, transform):
+        self.records, self.level, self.region, self.transform = records, level, region, transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        record = self.records[index]
+        try:
+            image = load_image(record.path)
+        except DataError as err:
+            return None, np.zeros((0, 4), np.float32), str(err)
+        offset_x = offset_y = 0
+        if self.region == "bbox" and record.boxes:
+            b = record.boxes_array
+            x0, y0 = b[:, 0].min(), b[:, 1].min()
+            x1, y1 = (b[:, 0] + b[:, 2]).max(), (b[:, 1] + b[:, 3]).max()
+            offset_x, offset_y = int(round(x0)), int(round(y0))
+            image = image.crop((offset_x, offset_y, max(int(round(x1)), offset_x + 1), max(int(round(y1)), offset_y + 1)))
+        width, height = image.size
+        if width <= self.level or height <= self.level:
+            return None, np.zeros((0, 4), np.float32), f"{record.path}: image {width}x{height} too small for pyramid level {self.level}"
+        boxes = level_boxes(width, height, self.level)
+        crops = [self.transform(image.crop((x, y, x + w, y + h))) for x, y, w, h in boxes]
+        boxes = boxes.astype(np.float32) + np.array([offset_x, offset_y, 0, 0], np.float32)
+        return torch.stack(crops), boxes, ""
+
+
+def _batches(patches: list[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    stacked = torch.cat(patches)
+    for start in range(0, len(stacked), batch_size):
+        yield stacked[start:start + batch_size]
+
+
+def extract_missing(store: FeatureStore, records: Sequence[ImageRecord], model: LoadedModel, *,
+                    batch_size: int, num_workers: int, chunk_size: int, desc: str = "extract") -> ExtractStats:
+    """Encode every record the store lacks, writing one chunk per ``chunk_size`` images."""
+    stats = ExtractStats(failed=[])
+    todo = store.missing(records)
+    stats.reused = len(records) - len(todo)
+    if not todo:
+        return stats
+    started = time.perf_counter()
+    loader = DataLoader(_CropDataset(todo, store.level, store.region, model.transform), batch_size=None,
+                        shuffle=False, num_workers=num_workers, prefetch_factor=4 if num_workers else None,
+                        persistent_workers=False)
+    pending: list[tuple[ImageRecord, torch.Tensor | None, np.ndarray, str]] = []
+    patches_done = 0
+
+    def flush() -> None:
+        nonlocal patches_done
+        crops = [p[1] for p in pending if p[1] is not None]
+        vectors = [encode(model, batch) for batch in _batches(crops, batch_size)] if crops else []
+        vectors = torch.cat(vectors).numpy() if vectors else np.zeros((0, model.dim), np.float32)
+        store.write_chunk(
+            ids=[p[0].id for p in pending], signatures=[p[0].file_signature() for p in pending],
+            counts=[len(p[2]) for p in pending], vectors=vectors,
+            boxes=np.concatenate([p[2] for p in pending]), errors=[p[3] for p in pending], dim=model.dim)
+        patches_done += len(vectors)
+        pending.clear()
+
+    for record, (crops, boxes, error) in tqdm(zip(todo, loader), total=len(todo), desc=desc, unit="img",
+                                            dynamic_ncols=True, leave=False):
+        if error:
+            logger.warning(f"skipped {error}")
+            stats.failed.append(error)
+        pending.append((record, crops, boxes, error))
+        if len(pending) >= chunk_size:
+            flush()
+    if pending:
+        flush()
+    stats.extracted = len(todo)
+    stats.seconds = time.perf_counter() - started
+    logger.info(f"{desc}: extracted {len(todo):,} images ({patches_done:,} patches) in {stats.seconds:.1f} s "
+                f"({len(todo) / max(stats.seconds, 1e-9):.1f} img/s), reused {stats.reused:,} from {store.folder.name}")
+    return stats

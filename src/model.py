@@ -1,0 +1,202 @@
+"""Model: a frozen timm encoder that maps an image batch to L2-normalised descriptors.
+
+One door to every backbone: ``timm.create_model("name.tag", ...)``. Weights
+come from the hub (``pretrained=true``), a local ``checkpoint`` file, or a
+registry-packaged file converted by ``src.weights`` -- the last two are
+loaded through timm's own pretrained path (``pretrained_cfg_overlay=
+dict(file=...)``), so position embeddings are resampled by timm exactly as
+for hub weights. Preprocessing comes from timm's data config of the model.
+
+Descriptor = ``pool(block_output(layer))``, L2-normalised:
+
+- ``layer``: ``-1`` the model's final features (``forward_features``, final
+  norm included); ``b >= 0`` the output of block ``b`` (0-based, timm's
+  ``forward_intermediates`` indices; stage index for CNNs), with the model's
+  final norm applied when ``norm_intermediate`` (as DINOv2 does for its
+  intermediate layers).
+- ``pool``: ``cls`` (class token), ``mean`` (mean of patch tokens / spatial
+  mean), ``gem`` (generalised mean, p=3, of ReLU'd activations), ``head``
+  (the model's own pooling head, pre-logits: e.g. SigLIP's attention pool),
+  ``projection`` (the model's full head, e.g. CLIP's image projection).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import timm
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from .weights import PACKAGED, checkpoint_sha256, packaged_checkpoint
+
+POOLS = ("cls", "mean", "gem", "head", "projection")
+
+
+class ModelConfigError(ValueError):
+    """A model setting that cannot work (one line)."""
+
+
+class Encoder(nn.Module):
+    """timm backbone + layer choice + pooling + L2 normalisation."""
+
+    def __init__(self, backbone: nn.Module, layer: int, pool: str, norm_intermediate: bool = True,
+                 gem_p: float = 3.0) -> None:
+        super().__init__()
+        if pool not in POOLS:
+            raise ModelConfigError(f"model.pool must be one of {POOLS}, got {pool!r}")
+        if pool in ("head", "projection") and layer != -1:
+            raise ModelConfigError(f"model.pool={pool} uses the model's own head and needs model.layer=-1, got {layer}")
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.layer, self.pool, self.norm_intermediate, self.gem_p = layer, pool, norm_intermediate, gem_p
+        self.is_vit = hasattr(backbone, "blocks") and hasattr(backbone, "num_prefix_tokens")
+        if pool == "cls" and not (self.is_vit and backbone.num_prefix_tokens > 0):
+            raise ModelConfigError("model.pool=cls needs a ViT with a class token; use mean, gem or head")
+
+    def _tokens(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(prefix tokens (B, P, C) or None, patch tokens (B, N, C) or feature map (B, C, H, W))."""
+        net = self.backbone
+        if self.layer == -1:
+            features = net.forward_features(images)
+            if self.is_vit:
+                prefix = net.num_prefix_tokens
+                return features[:, :prefix], features[:, prefix:]
+            return None, features
+        if self.is_vit:
+            (patches, prefix), = net.forward_intermediates(
+                images, indices=[self.layer], norm=self.norm_intermediate, output_fmt="NLC",
+                intermediates_only=True, return_prefix_tokens=True)
+            return prefix, patches
+        (feature_map,) = net.forward_intermediates(
+            images, indices=[self.layer], norm=self.norm_intermediate, intermediates_only=True)
+        return None, feature_map
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        net = self.backbone
+        if self.pool == "projection":
+            return F.normalize(net(images).float(), dim=-1)
+        if self.pool == "head":
+            return F.normalize(net.forward_head(net.forward_features(images), pre_logits=True).float(), dim=-1)
+        prefix, tokens = self._tokens(images)
+        if self.pool == "cls":
+            return F.normalize(prefix[:, 0].float(), dim=-1)
+        tokens = tokens.float()
+        dims = (1,) if tokens.ndim == 3 else (2, 3)
+        if self.pool == "mean":
+            pooled = tokens.mean(dim=dims)
+        else:  # gem
+            pooled = tokens.clamp(min=1e-6).pow(self.gem_p).mean(dim=dims).pow(1.0 / self.gem_p)
+        return F.normalize(pooled, dim=-1)
+
+
+@dataclass
+class LoadedModel:
+    """An encoder with its preprocessing and the fingerprint that keys its caches."""
+
+    encoder: Encoder
+    transform: Callable[[Any], torch.Tensor]
+    data_config: dict
+    fingerprint: dict
+    device: torch.device
+    half: bool
+    dim: int
+
+    @property
+    def input_size(self) -> int:
+        return int(self.data_config["input_size"][-1])
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelConfigError(f"extract.device={device} requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def _weights_source(cfg: DictConfig) -> tuple[str | None, str]:
+    """(local checkpoint path or None, readable weights identity for the cache key)."""
+    if cfg.get("checkpoint"):
+        path = Path(cfg.checkpoint)
+        if not path.is_file():
+            raise ModelConfigError(f"{path}: model.checkpoint file not found")
+        return str(path), f"file:{checkpoint_sha256(path)}"
+    if cfg.get("packaged"):
+        if cfg.packaged not in PACKAGED:
+            raise ModelConfigError(f"model.packaged={cfg.packaged!r} unknown; known: {sorted(PACKAGED)}")
+        path = packaged_checkpoint(cfg.packaged)
+        return str(path), f"file:{checkpoint_sha256(path)}"
+    if cfg.get("pretrained", True):
+        return None, f"hub:{cfg.timm_name}{'.' + cfg.tag if cfg.get('tag') else ''}"
+    return None, "random-init:seed0"
+
+
+def _create_backbone(cfg: DictConfig, checkpoint: str | None) -> nn.Module:
+    name = f"{cfg.timm_name}.{cfg.tag}" if cfg.get("tag") else cfg.timm_name
+    kwargs: dict[str, Any] = {}
+    if cfg.pool != "projection":
+        kwargs["num_classes"] = 0
+    if checkpoint:
+        kwargs["pretrained_cfg_overlay"] = dict(file=checkpoint)
+    pretrained = bool(checkpoint) or bool(cfg.get("pretrained", True))
+    if cfg.image_size and cfg.image_size > 0:
+        kwargs["img_size"] = int(cfg.image_size)
+    if not pretrained:
+        torch.manual_seed(0)  # random weights (tests) must be the same in every process: they key caches
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as err:
+        if "img_size" not in str(err):
+            raise
+        kwargs.pop("img_size")  # CNNs take any input size; the data config sets it
+        if not pretrained:
+            torch.manual_seed(0)
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as err:
+        raise ModelConfigError(f"cannot create timm model {name!r} (pretrained={pretrained}): {str(err).splitlines()[0]}") from None
+
+
+def load_model(cfg: DictConfig, device: str = "auto", precision: str = "auto") -> LoadedModel:
+    """Build the encoder, its eval transform and its cache fingerprint from ``cfg.model``."""
+    checkpoint, weights_id = _weights_source(cfg)
+    backbone = _create_backbone(cfg, checkpoint)
+    data_config = timm.data.resolve_model_data_config(backbone)
+    if cfg.image_size and cfg.image_size > 0:
+        data_config["input_size"] = (3, int(cfg.image_size), int(cfg.image_size))
+    # Patches are resized whole to the input size: a centre crop would cut the
+    # patch's borders, where the object may sit.
+    data_config.update(crop_pct=1.0, crop_mode="squash")
+    transform = timm.data.create_transform(**data_config, is_training=False)
+    encoder = Encoder(backbone, layer=int(cfg.layer), pool=cfg.pool,
+                      norm_intermediate=bool(cfg.get("norm_intermediate", True)))
+    torch_device = resolve_device(device)
+    half = torch_device.type == "cuda" and precision in ("auto", "fp16")
+    encoder = encoder.to(torch_device)
+    if half:
+        encoder = encoder.half()
+    fingerprint = {
+        "timm_name": cfg.timm_name, "tag": cfg.get("tag"), "weights": weights_id,
+        "layer": int(cfg.layer), "pool": cfg.pool, "norm_intermediate": bool(cfg.get("norm_intermediate", True)),
+        "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(data_config.items())},
+        "precision": "fp16" if half else "fp32",
+    }
+    size = int(data_config["input_size"][-1])
+    probe = torch.zeros(1, 3, size, size, device=torch_device, dtype=torch.float16 if half else torch.float32)
+    dim = int(encoder(probe).shape[-1])
+    return LoadedModel(encoder, transform, data_config, fingerprint, torch_device, half, dim)
+
+
+def encode(model: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
+    """Descriptors (B, D) float32 on CPU for a preprocessed batch."""
+    batch = batch.to(model.device, non_blocking=True)
+    if model.half:
+        batch = batch.half()
+    return model.encoder(batch).float().cpu()
+
+
+__all__ = ["Encoder", "LoadedModel", "ModelConfigError", "encode", "load_model", "resolve_device", "POOLS"]

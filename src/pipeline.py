@@ -1,0 +1,259 @@
+"""Pipeline: one function per task, composing the stages.
+
+    data -> model -> pyramid/extraction (cached) -> index (cached) -> search -> metrics -> run report
+
+``main.py`` only parses the command line and calls ``run(cfg)``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from loguru import logger
+from omegaconf import DictConfig
+
+from . import index as faiss_index
+from .cache import content_key, list_key
+from .data import Dataset, DataError, ImageRecord, read_folder, read_ilias_layout, read_manifest, write_manifest
+from .extraction import ExtractStats, FeatureStore, PatchFeatures, extract_missing
+from .metrics import QueryResult, evaluate, resolve_iou_thresholds
+from .model import LoadedModel, load_model
+from .pyramid import MAX_LEVEL, levels_for
+from .report import RunReport
+from .search import ImageHits, search_images
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; one line."""
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_dataset(cfg: DictConfig) -> Dataset:
+    """The dataset of ``cfg.dataset``: ILIAS layout (generated first for mini-ILIAS) or a folder."""
+    root = Path(cfg.root)
+    if cfg.kind == "folder":
+        return read_folder(root)
+    if cfg.kind != "ilias":
+        raise ConfigError(f"dataset.kind must be 'ilias' or 'folder', got {cfg.kind!r}")
+    if cfg.get("generate") and not (root / cfg.core_dir).is_dir():
+        from .mini_ilias import MiniIliasConfig, generate
+
+        logger.info(f"generating mini-ILIAS into {root} ({dict(cfg.generate)})")
+        generate(root, MiniIliasConfig(**cfg.generate))
+    suffix = "" if cfg.split == "test" else f"_{cfg.split}"
+    query_manifest, gallery_manifest = root / f"query{suffix}.json", root / f"gallery{suffix}.json"
+    if cfg.pin_manifest or cfg.split != "test":
+        dataset = Dataset(name=cfg.name, root=root, queries=read_manifest(query_manifest, root),
+                          gallery=read_manifest(gallery_manifest, root))
+        logger.info(f"dataset {cfg.name}: read pinned manifests {query_manifest.name}, {gallery_manifest.name}")
+    else:
+        dataset = read_ilias_layout(root, cfg.core_dir, cfg.get("distractors"))
+        dataset.name = cfg.name
+        write_manifest(query_manifest, dataset.queries, root)
+        write_manifest(gallery_manifest, dataset.gallery, root)
+    if not dataset.gallery:
+        raise DataError(f"{root}: the gallery is empty")
+    labelled = sum(r.instance is not None for r in dataset.gallery)
+    logger.info(f"dataset {cfg.name}: {len(dataset.queries):,} queries, {len(dataset.gallery):,} gallery images "
+                f"({labelled:,} positives, {len(dataset.gallery) - labelled:,} distractors)")
+    return dataset
+
+
+# ----------------------------------------------------------------------------- features
+
+@dataclass
+class FeatureSource:
+    """Extracts (if needed) and gathers features of records for any level."""
+
+    model: LoadedModel
+    model_name: str
+    cfg: DictConfig  # the whole config
+    stats: list[ExtractStats]
+
+    def store(self, level: int, region: str = "full") -> FeatureStore:
+        store = FeatureStore(Path(self.cfg.paths.features), self.model_name, self.model.fingerprint, level,
+                             self.cfg.pyramid.mode, region)
+        store.open()
+        return store
+
+    def features(self, records: list[ImageRecord], levels: list[int], region: str = "full",
+                 desc: str = "gallery") -> PatchFeatures:
+        parts = []
+        for level in levels:
+            store = self.store(level, region)
+            ex = self.cfg.extract
+            self.stats.append(extract_missing(store, records, self.model, batch_size=ex.batch_size,
+                                              num_workers=ex.num_workers, chunk_size=ex.chunk_size,
+                                              desc=f"{desc} L{level}"))
+            part, _ = store.gather(records, expected_dim=self.model.dim)
+            parts.append(part)
+        return PatchFeatures.concat(parts)
+
+
+def make_feature_source(cfg: DictConfig) -> FeatureSource:
+    if cfg.pyramid.mode != "crop":
+        raise ConfigError(f"pyramid.mode={cfg.pyramid.mode!r} is not available yet; use pyramid.mode=crop")
+    model = load_model(cfg.model, device=cfg.extract.device, precision=cfg.extract.precision)
+    logger.info(f"model {cfg.model.name}: {cfg.model.timm_name} ({model.fingerprint['weights']}), "
+                f"input {model.input_size}px, layer {cfg.model.layer}, pool {cfg.model.pool}, dim {model.dim}, "
+                f"{model.device}{' fp16' if model.half else ''}")
+    return FeatureSource(model, cfg.model.name, cfg, [])
+
+
+# ----------------------------------------------------------------------------- index
+
+def index_spec(cfg: DictConfig) -> faiss_index.IndexSpec:
+    return faiss_index.IndexSpec(kind=cfg.kind, m=int(cfg.get("m", 16)), nlist=int(cfg.get("nlist", 256)),
+                                 nbits=int(cfg.get("nbits", 8)), nprobe=int(cfg.get("nprobe", 256)),
+                                 metric=str(cfg.metric))
+
+
+def training_levels(train_level: int, indexed_levels: list[int]) -> list[int]:
+    """Levels whose patches train the quantizers: -1 the indexed ones, -2 all, k level k."""
+    if train_level == -1:
+        return list(indexed_levels)
+    if train_level == -2:
+        return list(range(MAX_LEVEL + 1))
+    if 0 <= train_level <= MAX_LEVEL:
+        return [train_level]
+    raise ConfigError(f"index.train_level must be -1, -2 or 0..{MAX_LEVEL}, got {train_level}")
+
+
+def training_sample(vectors: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """At most ``limit`` rows, drawn without replacement with a fixed seed."""
+    if len(vectors) <= limit:
+        return vectors
+    rows = np.sort(np.random.default_rng(seed).choice(len(vectors), size=limit, replace=False))
+    return vectors[rows]
+
+
+def build_index(cfg: DictConfig, source: FeatureSource, gallery: list[ImageRecord],
+                patches: PatchFeatures, levels: list[int]):
+    """Trained (cached) and populated (cached) FAISS index over ``patches``."""
+    spec = index_spec(cfg.index)
+    dim = patches.dim
+    factory = spec.factory_string(dim)
+    gallery_key = list_key([f"{r.id}:{r.file_signature()}" for r in gallery])
+    use_gpu = {"auto": faiss_index.gpu_available(), True: True, False: False}[cfg.index.use_gpu]
+    if not spec.needs_training():
+        index = faiss_index.create_index(spec, dim)
+        faiss_index.add_vectors(index, patches.vectors, 0)
+        return faiss_index.to_device(index, use_gpu)
+    train_levels = training_levels(int(cfg.index.train_level), levels)
+    train_fields = {"model": source.model.fingerprint, "mode": cfg.pyramid.mode, "factory": factory,
+                    "metric": spec.metric, "train_levels": train_levels, "gallery": gallery_key,
+                    "max_train": int(cfg.index.max_train_vectors), "seed": int(cfg.seed)}
+    folder = Path(cfg.paths.indices)
+    name = f"{cfg.model.name}.{spec.slug(dim)}.train{'-'.join(map(str, train_levels))}"
+    trained_path = folder / f"{name}-{content_key(train_fields)}.trained.faiss"
+    populated_fields = {**train_fields, "levels": levels}
+    populated_path = folder / f"{name}.L{'-'.join(map(str, levels))}-{content_key(populated_fields)}.populated.faiss"
+    if populated_path.exists():
+        index = faiss_index.read_index(populated_path)
+        if index.ntotal == len(patches.vectors) and index.d == dim:
+            logger.info(f"index: reused {populated_path.name} ({index.ntotal:,} vectors)")
+            return faiss_index.to_device(index, use_gpu)
+        logger.warning(f"{populated_path}: stale index ({index.ntotal} vectors, expected {len(patches.vectors)}); rebuilding")
+    if trained_path.exists():
+        index = faiss_index.read_index(trained_path)
+        logger.info(f"index: reused trained {trained_path.name}")
+    else:
+        train = patches.vectors if train_levels == levels else source.features(gallery, train_levels, desc="train").vectors
+        train = training_sample(train, int(cfg.index.max_train_vectors), int(cfg.seed))
+        faiss_index.check_training_size(spec, len(train))
+        started = time.perf_counter()
+        index = faiss_index.to_device(faiss_index.create_index(spec, dim), use_gpu)
+        faiss_index.train_index(index, train, spec)
+        faiss_index.write_index(index, trained_path)
+        logger.info(f"index: trained {factory} on {len(train):,} vectors of levels {train_levels} "
+                    f"in {time.perf_counter() - started:.1f} s -> {trained_path.name}")
+    index = faiss_index.to_device(index, use_gpu)
+    faiss_index.add_vectors(index, patches.vectors, 0)
+    faiss_index.write_index(index, populated_path)
+    logger.info(f"index: populated {index.ntotal:,} vectors ({faiss_index.index_nbytes(index) / max(len(gallery), 1):,.0f} "
+                f"bytes per image) -> {populated_path.name}")
+    return index
+
+
+# ----------------------------------------------------------------------------- tasks
+
+def _query_region(cfg: DictConfig) -> str:
+    return "bbox" if cfg.query.crop_to_bbox else "full"
+
+
+def query_results(dataset: Dataset, hits: ImageHits, patches: PatchFeatures) -> list[QueryResult]:
+    """Search hits -> metric inputs (ranked gallery ids, predicted boxes, positives)."""
+    results = []
+    gallery = dataset.gallery
+    scale_of = {r.id: r.object_scale for r in gallery if r.instance is not None}
+    for row, query in enumerate(dataset.queries):
+        valid = hits.images[row] >= 0
+        images, winners = hits.images[row][valid], hits.patches[row][valid]
+        positives = dataset.positives_of(query.instance)
+        results.append(QueryResult(
+            query_id=query.id,
+            ranked_ids=[gallery[i].id for i in images],
+            ranked_boxes=patches.boxes[winners].astype(np.float64).reshape(-1, 4),
+            positives=positives,
+            positive_scales={pid: scale_of[pid] for pid in positives},
+        ))
+    return results
+
+
+def run_eval(cfg: DictConfig, report: RunReport) -> dict:
+    """Extract, index, search and score one configuration; write the run folder."""
+    dataset = load_dataset(cfg.dataset)
+    levels = levels_for(int(cfg.pyramid.level), cfg.pyramid.multi_scale)
+    source = make_feature_source(cfg)
+    queries = source.features(dataset.queries, [0], region=_query_region(cfg), desc="queries")
+    if len(np.unique(queries.image)) != len(dataset.queries):
+        readable = set(queries.image.tolist())
+        dropped = [q.id for i, q in enumerate(dataset.queries) if i not in readable]
+        raise DataError(f"{dropped[0]}: query image unreadable ({len(dropped)} unreadable queries); fix or remove it")
+    gallery = source.features(dataset.gallery, levels, desc="gallery")
+    started = time.perf_counter()
+    index = build_index(cfg, source, dataset.gallery, gallery, levels)
+    faiss_index.set_nprobe(index, int(cfg.index.get("nprobe", 1)))
+    k = int(cfg.eval.k)
+    hits = search_images(index, queries.vectors, gallery.image, k, metric=str(cfg.index.metric))
+    search_seconds = time.perf_counter() - started
+    results = query_results(dataset, hits, gallery)
+    metrics = evaluate(results, k=k, iou_thresholds=resolve_iou_thresholds(cfg.eval.iou_threshold),
+                       metrics=tuple(m.lower() for m in cfg.eval.metrics))
+    metrics["timing"] = {"extract_s": round(sum(s.seconds for s in source.stats), 2),
+                         "index_and_search_s": round(search_seconds, 2)}
+    metrics["counts"] = {"queries": len(dataset.queries), "gallery_images": len(dataset.gallery),
+                         "gallery_patches": int(len(gallery.vectors)), "levels": levels,
+                         "skipped_images": sorted({e for s in source.stats for e in (s.failed or [])})}
+    report.write_results(dataset, hits, gallery, results, metrics)
+    return metrics
+
+
+def run_extract(cfg: DictConfig, report: RunReport) -> dict:
+    """Only fill the feature caches (queries at L0 and gallery at every indexed level)."""
+    dataset = load_dataset(cfg.dataset)
+    levels = levels_for(int(cfg.pyramid.level), cfg.pyramid.multi_scale)
+    source = make_feature_source(cfg)
+    if dataset.queries:
+        source.features(dataset.queries, [0], region=_query_region(cfg), desc="queries")
+    source.features(dataset.gallery, levels, desc="gallery")
+    summary = {"extracted": sum(s.extracted for s in source.stats), "reused": sum(s.reused for s in source.stats),
+               "failed": sorted({e for s in source.stats for e in (s.failed or [])}),
+               "seconds": round(sum(s.seconds for s in source.stats), 2)}
+    report.write_json("extract.json", summary)
+    return summary
+
+
+TASKS = {"eval": run_eval, "extract": run_extract}
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run ``cfg.task`` and write its run folder."""
+    if cfg.task not in TASKS:
+        raise ConfigError(f"task must be one of {sorted(TASKS)}, got {cfg.task!r}")
+    report = RunReport(run_dir, cfg)
+    return TASKS[cfg.task](cfg, report)

@@ -1,0 +1,85 @@
+"""Run report: everything a run leaves in ``logs/<run>/``.
+
+- ``config.yaml``: the resolved configuration;
+- ``environment.json``: git commit (and whether the tree was dirty), package
+  versions, Python, command line;
+- ``metrics.json``: the metrics (percent) with timings and counts;
+- ``results.jsonl``: one line per query: top-k ids, scores, predicted boxes;
+- ``similarity.json``: ILIAS's own format, ``{query_id: {db_id: score}}`` in
+  ranked order, which ILIAS's ``evaluation/evaluate.py`` reads;
+- ``run.log``: the console log (added by ``main.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from .cache import atomic_write_text
+
+PACKAGES = ("torch", "torchvision", "timm", "faiss-cpu", "faiss-gpu", "numpy", "hydra-core", "omegaconf", "Pillow")
+
+
+def git_state(root: Path) -> dict:
+    """Commit hash and dirtiness of the repository holding ``root`` (None outside git)."""
+    def git(*args: str) -> str | None:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+class RunReport:
+    """Writer of one run folder."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        self.write_json("environment.json", {
+            "git": git_state(Path(__file__).resolve().parent),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "packages": package_versions(),
+            "argv": sys.argv,
+        })
+
+    def write_json(self, name: str, content) -> Path:
+        path = self.dir / name
+        atomic_write_text(path, json.dumps(content, indent=1))
+        return path
+
+    def write_results(self, dataset, hits, patches, results, metrics: dict) -> None:
+        """metrics.json, results.jsonl and the ILIAS similarity file."""
+        per_query = metrics.pop("per_query", [])
+        self.write_json("metrics.json", metrics)
+        lines, similarity = [], {}
+        for row, result in enumerate(results):
+            valid = hits.images[row] >= 0
+            scores = hits.scores[row][valid].astype(float)
+            entry = {"query_id": result.query_id, "ids": result.ranked_ids,
+                     "scores": np.round(scores, 6).tolist(),
+                     "boxes": np.round(result.ranked_boxes, 2).tolist(),
+                     **(per_query[row] if row < len(per_query) else {})}
+            lines.append(json.dumps(entry))
+            similarity[result.query_id] = dict(zip(result.ranked_ids, scores.tolist()))
+        atomic_write_text(self.dir / "results.jsonl", "\n".join(lines) + "\n")
+        atomic_write_text(self.dir / "similarity.json", json.dumps(similarity))
+        metrics["per_query"] = per_query

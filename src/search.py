@@ -1,0 +1,179 @@
+"""Image search over a patch index: nearest patches, then max per image.
+
+The index holds one row per patch; ``patch_image[row]`` says which image a
+row belongs to. An image's score is the max over its patches of the
+similarity to the query, and the patch giving that max is its winner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+from loguru import logger
+
+from src.index import IndexConfigError, is_gpu_index, to_cpu
+
+#: Largest k a GPU FAISS search accepts (``GPU_MAX_SELECTION_K``).
+GPU_MAX_K = 2048
+
+
+@dataclass
+class ImageHits:
+    """Top-k images per query, best first.
+
+    Rows past the images that exist hold image -1, patch -1 and score -inf.
+    """
+
+    images: np.ndarray  #: (nq, k) int64 image index
+    scores: np.ndarray  #: (nq, k) float32 similarity, higher is better, descending
+    patches: np.ndarray  #: (nq, k) int64 row id of the winning patch
+
+
+def metric_of(index: faiss.Index) -> str:
+    """``"IP"`` or ``"L2"`` from the index's FAISS metric."""
+    if index.metric_type == faiss.METRIC_INNER_PRODUCT:
+        return "IP"
+    if index.metric_type == faiss.METRIC_L2:
+        return "L2"
+    raise IndexConfigError(f"search: unsupported FAISS metric type {index.metric_type}")
+
+
+def similarity_from_distance(distances: np.ndarray, metric: str) -> np.ndarray:
+    """FAISS distances as similarities (higher is better), float32.
+
+    ``IP``: unchanged. ``L2``: FAISS returns the *squared* distance, and for
+    unit vectors ``|q - x|^2 = 2 - 2 <q, x>``, so ``1 - d / 2`` is the inner
+    product (exact for exact search; approximate codes need not be unit).
+    """
+    d = np.asarray(distances, dtype=np.float32)
+    metric = metric.upper()
+    if metric == "IP":
+        return d
+    if metric == "L2":
+        return (1.0 - d / 2.0).astype(np.float32)
+    raise IndexConfigError(f"search: unknown metric {metric!r} (choose IP or L2)")
+
+
+def _aggregate(
+    sims: np.ndarray, ids: np.ndarray, patch_image: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Max per image over each row of patch results -> (images, scores, patches).
+
+    Rows are re-sorted by (similarity desc, row id asc), so the first
+    occurrence of an image is its max, ties going to the lower row id; ids
+    of -1 (no result) are ignored.
+    """
+    nq, kp = ids.shape
+    valid = ids >= 0
+    s = np.where(valid, sims, -np.inf).astype(np.float32)
+    tie = np.where(valid, ids, np.iinfo(np.int64).max)
+    order = np.lexsort((tie, -s), axis=1)
+    ids = np.take_along_axis(ids, order, axis=1)
+    s = np.take_along_axis(s, order, axis=1)
+    valid = np.take_along_axis(valid, order, axis=1)
+    img = np.where(valid, patch_image[np.where(valid, ids, 0)], -1)
+
+    # First occurrence of each image in a row: stable sort by image, keep the
+    # head of each run, scatter the flags back to ranked positions.
+    by_img = np.argsort(img, axis=1, kind="stable")
+    img_sorted = np.take_along_axis(img, by_img, axis=1)
+    head = np.ones_like(img_sorted, dtype=bool)
+    head[:, 1:] = img_sorted[:, 1:] != img_sorted[:, :-1]
+    first = np.empty_like(head)
+    np.put_along_axis(first, by_img, head, axis=1)
+    first &= valid
+
+    rank = np.cumsum(first, axis=1) - 1
+    r, c = np.nonzero(first & (rank < k))
+    out_img = np.full((nq, k), -1, dtype=np.int64)
+    out_score = np.full((nq, k), -np.inf, dtype=np.float32)
+    out_patch = np.full((nq, k), -1, dtype=np.int64)
+    slot = rank[r, c]
+    out_img[r, slot] = img[r, c]
+    out_score[r, slot] = s[r, c]
+    out_patch[r, slot] = ids[r, c]
+    return out_img, out_score, out_patch
+
+
+def search_images(
+    index: faiss.Index,
+    queries: np.ndarray,
+    patch_image: np.ndarray,
+    k: int,
+    metric: str | None = None,
+    initial_factor: int = 4,
+) -> ImageHits:
+    """Top-``k`` images for each query (nq, d), scored by their best patch.
+
+    Asks FAISS for ``kp = min(ntotal, k * initial_factor)`` patches (and no
+    more than ``k`` times the most patches any image has), takes the max
+    per image, and searches again with ``kp`` doubled for the queries that
+    hold fewer than ``min(k, n_images)`` distinct images, until they are full
+    or ``kp == ntotal``. An IVF index with ``nprobe < nlist`` may then still
+    return fewer images than exist; those are returned with a warning.
+
+    ``metric`` defaults to the index's own; a different one is an error.
+    Ties keep the lower row id first. On a GPU index, searches with
+    ``kp > 2048`` (the GPU limit) run on a CPU copy of the index.
+    """
+    index_metric = metric_of(index)
+    if metric is not None and metric.upper() != index_metric:
+        raise IndexConfigError(f"search: metric {metric} does not match the index's {index_metric}")
+    if k < 1 or initial_factor < 1:
+        raise ValueError(f"search: k={k} and initial_factor={initial_factor} must be >= 1")
+    q = np.asarray(queries)
+    if q.ndim != 2 or q.shape[1] != index.d:
+        raise IndexConfigError(
+            f"search: query shape {q.shape} does not match index dimension {index.d}"
+        )
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    patch_image = np.asarray(patch_image, dtype=np.int64)
+    ntotal = int(index.ntotal)
+    if patch_image.shape != (ntotal,):
+        raise IndexConfigError(
+            f"search: patch_image has {patch_image.size} entries, index has {ntotal} rows"
+        )
+    if ntotal and patch_image.min() < 0:
+        raise IndexConfigError("search: patch_image holds negative image indices")
+
+    nq = len(q)
+    images = np.full((nq, k), -1, dtype=np.int64)
+    scores = np.full((nq, k), -np.inf, dtype=np.float32)
+    patches = np.full((nq, k), -1, dtype=np.int64)
+    if nq == 0 or ntotal == 0:
+        return ImageHits(images, scores, patches)
+
+    counts = np.bincount(patch_image)
+    target = min(k, int(np.count_nonzero(counts)))
+    kp = min(ntotal, k * initial_factor, k * int(counts.max()))
+    todo = np.arange(nq)
+    cpu_copy: list[faiss.Index] = []
+
+    def knn(x: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        if is_gpu_index(index) and kk > GPU_MAX_K:
+            if not cpu_copy:
+                logger.info("search: k={} patches exceeds the GPU limit {}; using a CPU copy", kk, GPU_MAX_K)
+                cpu_copy.append(to_cpu(index))
+            return cpu_copy[0].search(x, kk)
+        return index.search(x, kk)
+
+    while True:
+        dist, ids = knn(q[todo], kp)
+        sims = similarity_from_distance(dist, index_metric)
+        images[todo], scores[todo], patches[todo] = _aggregate(sims, ids, patch_image, k)
+        short = (images[todo] >= 0).sum(axis=1) < target
+        if not short.any():
+            break
+        if kp >= ntotal:
+            logger.warning(
+                "search: {} of {} queries found fewer than {} images even asking for all {} "
+                "patches (approximate index, e.g. nprobe < nlist); returning what was found",
+                int(short.sum()), nq, target, ntotal,
+            )
+            break
+        todo = todo[short]
+        kp = min(ntotal, 2 * kp)
+        logger.debug("search: widening to {} patches for {} queries", kp, len(todo))
+    return ImageHits(images, scores, patches)
