@@ -62,12 +62,12 @@ class IndexSpec:
 
     def __post_init__(self) -> None:
         kind, metric = str(self.kind).lower(), str(self.metric).upper()
-        object.__setattr__(self, "kind", kind)
-        object.__setattr__(self, "metric", metric)
         if kind not in KINDS:
             raise IndexConfigError(f"index: unknown kind {self.kind!r} (choose one of {', '.join(KINDS)})")
         if metric not in METRICS:
             raise IndexConfigError(f"index: unknown metric {self.metric!r} (choose IP or L2)")
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "metric", metric)
         if kind == "flat":
             return
         if not 1 <= self.nbits <= 16:

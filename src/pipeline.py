@@ -228,6 +228,8 @@ def run_eval(cfg: DictConfig, report: RunReport) -> dict:
                          "index_and_search_s": round(search_seconds, 2)}
     metrics["counts"] = {"queries": len(dataset.queries), "gallery_images": len(dataset.gallery),
                          "gallery_patches": int(len(gallery.vectors)), "levels": levels,
+                         "extracted_images": sum(s.extracted for s in source.stats),
+                         "reused_images": sum(s.reused for s in source.stats),
                          "skipped_images": sorted({e for s in source.stats for e in (s.failed or [])})}
     report.write_results(dataset, hits, gallery, results, metrics)
     return metrics

@@ -68,16 +68,23 @@ def _aggregate(
     nq, kp = ids.shape
     valid = ids >= 0
     s = np.where(valid, sims, -np.inf).astype(np.float32)
-    tie = np.where(valid, ids, np.iinfo(np.int64).max)
-    order = np.lexsort((tie, -s), axis=1)
-    ids = np.take_along_axis(ids, order, axis=1)
-    s = np.take_along_axis(s, order, axis=1)
-    valid = np.take_along_axis(valid, order, axis=1)
+    # FAISS already sorts by score; re-sort only rows with ties, or with
+    # missing results before valid ones.
+    in_order = ((s[:, 1:] < s[:, :-1]) | ~valid[:, 1:]).all(axis=1)
+    in_order &= (valid[:, 1:] <= valid[:, :-1]).all(axis=1)
+    redo = np.flatnonzero(~in_order)
+    if redo.size:
+        tie = np.where(valid[redo], ids[redo], np.iinfo(np.int64).max)
+        order = np.lexsort((tie, -s[redo]), axis=1)
+        ids, s, valid = ids.copy(), s.copy(), valid.copy()
+        ids[redo] = np.take_along_axis(ids[redo], order, axis=1)
+        s[redo] = np.take_along_axis(s[redo], order, axis=1)
+        valid[redo] = np.take_along_axis(valid[redo], order, axis=1)
     img = np.where(valid, patch_image[np.where(valid, ids, 0)], -1)
 
-    # First occurrence of each image in a row: stable sort by image, keep the
-    # head of each run, scatter the flags back to ranked positions.
-    by_img = np.argsort(img, axis=1, kind="stable")
+    # First occurrence of each image in a row: sort by (image, position),
+    # keep the head of each run, scatter the flags back to ranked positions.
+    by_img = np.argsort(img * kp + np.arange(kp), axis=1)
     img_sorted = np.take_along_axis(img, by_img, axis=1)
     head = np.ones_like(img_sorted, dtype=bool)
     head[:, 1:] = img_sorted[:, 1:] != img_sorted[:, :-1]
