@@ -4,13 +4,10 @@ The index knows vectors (float32 rows) and integer ids (row numbers,
 consecutive from 0), nothing about images or models. An index is described
 by an :class:`IndexSpec`, which maps one to one onto a FAISS factory string:
 
-==========  ======================  =====================================
-kind        factory string          meaning
-==========  ======================  =====================================
-``flat``    ``Flat``                exact search
-``pq``      ``PQ{m}x{nbits}``       product quantizer, exhaustive scan
-``ivfpq``   ``IVF{nlist},PQ{m}x{nbits}``  inverted file + PQ residuals
-==========  ======================  =====================================
+- ``flat``: ``Flat``, exact search;
+- ``pq``: ``PQ{m}x{nbits}``, product quantizer, exhaustive scan of codes;
+- ``ivfpq``: ``IVF{nlist},PQ{m}x{nbits}``, inverted file over PQ-coded
+  residuals, ``nprobe`` lists visited per query (``nprobe == nlist`` visits all).
 
 ``metric`` is ``IP`` (inner product, higher is better) or ``L2`` (FAISS
 returns *squared* L2 distances, lower is better).

@@ -134,8 +134,8 @@ TRANSFORMS: dict[str, Any] = {
 }
 
 _KIND_CODE = {"query": 0, "pos": 1, "distractor": 2}
-_SKIN_TONES = {0x1F3FB: "light skin tone", 0x1F3FC: "medium light skin tone", 0x1F3FD: "medium skin tone",
-               0x1F3FE: "medium dark skin tone", 0x1F3FF: "dark skin tone"}
+_SKIN_TONES = {0x1F3FB: "light", 0x1F3FC: "medium light", 0x1F3FD: "medium", 0x1F3FE: "medium dark",
+               0x1F3FF: "dark"}
 _ZWJ, _VS16, _KEYCAP = 0x200D, 0xFE0F, 0x20E3
 _PEOPLE = {0x1F468, 0x1F469, 0x1F9D1, 0x1F466, 0x1F467, 0x1FAF1}  # lead element of a ZWJ sequence
 _SUFFIXES = {0x2640, 0x2642, 0x27A1}  # gender signs and "facing right" never lead
@@ -360,16 +360,23 @@ def _cp_name(cp: int) -> str:
 
 
 def glyph_name(seq: tuple[int, ...], max_len: int = 40) -> str:
-    """Readable slug for a code point sequence, e.g. ``thumbs_up_sign_medium_skin_tone``."""
+    """Readable slug for a code point sequence, e.g. ``thumbs_up_sign_medium_skin``.
+
+    Skin tones are named last (the font's own sequences do not always keep
+    them beside their person), flags by their region letters (``flag_fr``).
+    """
     if _is_flag(seq):
         letters = [cp - 0x1F1E6 + ord("a") if cp < 0xE0000 else cp - 0xE0000 for cp in seq if cp != 0x1F3F4]
         words = ["flag", "".join(chr(c) for c in letters if chr(c).isalnum())]
     else:
-        words = []
+        words = ["keycap" if cp == _KEYCAP else _cp_name(cp) for cp in seq
+                 if cp not in (_ZWJ, _VS16) and cp not in _SKIN_TONES]
+        tones: list[str] = []
         for cp in seq:
-            if cp in (_ZWJ, _VS16):
-                continue
-            words.append(_SKIN_TONES.get(cp, "keycap" if cp == _KEYCAP else _cp_name(cp)))
+            if cp in _SKIN_TONES and _SKIN_TONES[cp] not in tones:
+                tones.append(_SKIN_TONES[cp])
+        if tones:
+            words += tones + ["skin"]
     slug = re.sub(r"[^a-z0-9]+", "_", " ".join(words).lower()).strip("_")
     if len(slug) > max_len:
         slug = slug[:max_len].rsplit("_", 1)[0]
@@ -435,32 +442,49 @@ def eligible_glyphs(font: EmojiFont, min_opaque: float = 0.10, min_side: int = 3
     return out
 
 
+def group_families(glyphs: Sequence[Glyph]) -> list[tuple[Glyph, ...]]:
+    """Glyphs grouped by look-alike family, families sorted by key, members by glyph id."""
+    families: dict[str, list[Glyph]] = {}
+    for glyph in sorted(glyphs, key=lambda g: g.gid):
+        families.setdefault(glyph.family, []).append(glyph)
+    return [tuple(families[key]) for key in sorted(families)]
+
+
+def _pick(rng: np.random.Generator, groups: Sequence[Sequence[Glyph]]) -> Glyph:
+    """A family uniformly at random, then one of its members (so skin tones do not swamp the rest)."""
+    group = groups[int(rng.integers(len(groups)))]
+    return group[int(rng.integers(len(group)))]
+
+
 def select_instances(glyphs: Sequence[Glyph], config: MiniIliasConfig,
                      rng: np.random.Generator) -> list[Glyph]:
     """Pick ``config.instances`` glyphs, ``hard_negative_fraction`` of them in look-alike pairs.
 
-    Candidate pairs are disjoint pairs of glyphs of one family (skin tones of
-    one hand, two flags...); the chosen pairs are completed by glyphs drawn
-    from all the others, and the result is shuffled.
+    Candidate pairs are disjoint pairs of glyphs of one family (two skin tones
+    of one hand, two flags...). The chosen pairs are completed with one glyph
+    from each of randomly ordered other families (then, once every family is
+    used, with any remaining glyph), and the result is shuffled.
     """
     n = config.instances
     if n > len(glyphs):
         raise MiniIliasError(f"{n} instances asked but the emoji font has only {len(glyphs)} usable glyphs")
-    families: dict[str, list[Glyph]] = {}
-    for glyph in glyphs:
-        families.setdefault(glyph.family, []).append(glyph)
     wanted = 0
     if config.hard_negative_fraction > 0 and n >= 2:
         wanted = min(n // 2, max(1, int(config.hard_negative_fraction * n / 2 + 0.5)))
     candidates: list[tuple[Glyph, Glyph]] = []
-    for key in sorted(families):
-        members = families[key]
+    for members in group_families(glyphs):
         order = rng.permutation(len(members))
         candidates += [(members[order[i]], members[order[i + 1]]) for i in range(0, len(members) - 1, 2)]
     pairs = [candidates[i] for i in rng.permutation(len(candidates))[:wanted]]
     if len(pairs) < wanted:
         logger.warning(f"only {len(pairs)} look-alike pairs available, {wanted} wanted")
     chosen = [g for pair in pairs for g in pair]
+    taken = {g.gid for g in chosen}
+    families = group_families([g for g in glyphs if g.gid not in taken])
+    for k in rng.permutation(len(families)):
+        if len(chosen) >= n:
+            break
+        chosen.append(_pick(rng, [families[k]]))
     taken = {g.gid for g in chosen}
     rest = [g for g in glyphs if g.gid not in taken]
     chosen += [rest[i] for i in rng.permutation(len(rest))[: n - len(chosen)]]
@@ -630,10 +654,16 @@ def _warp(source: Image.Image, rng: np.random.Generator, *, target_px: float, ro
         coeffs = _perspective_coeffs(dst, src_corners)
         return src.transform(size, Image.Transform.PERSPECTIVE, coeffs, Image.Resampling.BICUBIC)
 
-    # The box of the warped object (not of the warped rectangle) sets the scale.
-    probe = draw(source.getchannel("A"), corners, 1.0, 2)
+    # The box of the warped object (not of the warped rectangle) sets the scale;
+    # measure it on a small copy of the alpha mask.
+    little = min(1.0, 64 / max(w, h))
+    small = (max(1, round(w * little)), max(1, round(h * little)))
+    probe = draw(source.getchannel("A").resize(small, Image.Resampling.BILINEAR),
+                 corners * [small[0] / w, small[1] / h], little, 2)
     probe_box = probe.point(lambda a: 255 if a > TRANSFORMS["alpha_threshold"] else 0).getbbox()
-    unit_area = max(1.0, (probe_box[2] - probe_box[0]) * (probe_box[3] - probe_box[1])) if probe_box else w * h
+    unit_area = w * h
+    if probe_box:
+        unit_area = max(1.0, (probe_box[2] - probe_box[0]) * (probe_box[3] - probe_box[1])) / little ** 2
     scale = math.sqrt(target_px / unit_area)
     src = source.convert("RGBa")
     src_corners = corners
@@ -678,7 +708,7 @@ def _photo_crop(rng: np.random.Generator, photo: Image.Image, size: tuple[int, i
     ch = cw / aspect
     x0 = rng.uniform(0, pw - cw)
     y0 = rng.uniform(0, ph - ch)
-    out = photo.resize(size, Image.Resampling.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
+    out = photo.resize(size, Image.Resampling.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch), reducing_gap=3.0)
     if rng.random() < flip_p:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return out
@@ -722,8 +752,8 @@ class _Plan:
     font_path: Path
     photos: tuple[SourceFile, ...]
     instances: tuple[Glyph, ...]
-    clutter: tuple[Glyph, ...]  # never an instance
-    decoys: tuple[Glyph, ...]  # non-instances of an instance's look-alike family
+    clutter: tuple[tuple[Glyph, ...], ...]  # families of glyphs that are no instance
+    decoys: tuple[tuple[Glyph, ...], ...]  # the non-instances of the instances' families
     out: Path
 
 
@@ -769,7 +799,7 @@ def _clutter_sprite(rng: np.random.Generator, plan: _Plan, size: tuple[int, int]
     ranges = TRANSFORMS["positive"]
     target = _loguniform(rng, *ranges["clutter_area"]) * size[0] * size[1]
     if emoji and plan.clutter:
-        glyph = plan.clutter[int(rng.integers(len(plan.clutter)))]
+        glyph = _pick(rng, plan.clutter)
         sprite = _warp(_glyph_image(plan.font_path, glyph.gid), rng, target_px=target,
                        rotation=ranges["rotation_deg"], perspective=ranges["perspective"], aspect=ranges["aspect"])
         return _recolour(sprite, rng, ranges)
@@ -808,7 +838,7 @@ def _occlude(rng: np.random.Generator, plan: _Plan, canvas: Image.Image, sprite:
     for _ in range(12):
         target = rng.uniform(*ranges["occluder_area"]) * sprite.width * sprite.height
         if plan.clutter and rng.random() < 0.5:
-            glyph = plan.clutter[int(rng.integers(len(plan.clutter)))]
+            glyph = _pick(rng, plan.clutter)
             occ = _warp(_glyph_image(plan.font_path, glyph.gid), rng, target_px=target,
                         rotation=ranges["rotation_deg"], perspective=ranges["perspective"], aspect=ranges["aspect"])
         else:
@@ -905,7 +935,7 @@ def _render(task: tuple[str, int, int]) -> tuple[str, dict]:
         ranges = TRANSFORMS["distractor"]
         decoy = None
         if plan.decoys and rng.random() < ranges["decoy_p"]:
-            decoy = plan.decoys[int(rng.integers(len(plan.decoys)))]
+            decoy = _pick(rng, plan.decoys)
         image, boxes, meta = _draw_scene(rng, plan, decoy, 1, int(rng.integers(ranges["clutter_emoji"][0],
                                          ranges["clutter_emoji"][1] + 1)),
                                          int(rng.integers(ranges["clutter_photo"][0], ranges["clutter_photo"][1] + 1)))
@@ -985,8 +1015,8 @@ def generate(out: Path, config: MiniIliasConfig = MiniIliasConfig(), workers: in
     instances = select_instances(glyphs, config, np.random.default_rng(config.seed))
     taken = {g.gid for g in instances}
     families = {g.family for g in instances}
-    clutter = tuple(g for g in glyphs if g.gid not in taken)
-    decoys = tuple(g for g in clutter if g.family in families)
+    clutter = tuple(group_families([g for g in glyphs if g.gid not in taken]))
+    decoys = tuple(f for f in clutter if f[0].family in families)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stale = sorted(p.name for p in out.parent.glob(f"{out.name}.partial-*"))
