@@ -160,7 +160,8 @@ def train_index(
     Deterministic: the k-means seeds of the IVF coarse quantizer
     (``ivf.cp.seed``) and of the product quantizer (``pq.cp.seed``) are set
     to ``seed``; FAISS's k-means is then reproducible on CPU whatever the
-    thread count (it subsamples with that seed and sums per centroid).
+    thread count (it subsamples with that seed and sums per centroid). GPU
+    training gets the same seeds but is not bit-reproducible.
     """
     x = _as_matrix(vectors, index.d)
     if not spec.needs_training():
@@ -168,10 +169,10 @@ def train_index(
     if not np.isfinite(x).all():
         raise IndexConfigError("index: training vectors contain NaN or inf")
     check_training_size(spec, len(x))
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
+    ivf = index if is_gpu_index(index) else faiss.try_extract_index_ivf(index)
+    if getattr(ivf, "cp", None) is not None:  # IVF coarse quantizer (CPU or GPU)
         ivf.cp.seed = seed
-    pq = getattr(index, "pq", None)
+    pq = getattr(ivf if ivf is not None else index, "pq", None)
     if pq is not None:
         pq.cp.seed = seed
     logger.info("index: training {} on {} vectors", spec.factory_string(index.d), len(x))

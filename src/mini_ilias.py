@@ -413,8 +413,10 @@ def glyph_family(seq: tuple[int, ...]) -> str:
     return "seq:" + "-".join("P" if cp == 0 else f"{cp:X}" for cp in sorted(elements))
 
 
-def _is_component(seq: tuple[int, ...]) -> bool:
-    """Single code points that only serve as parts of sequences."""
+def _is_excluded(seq: tuple[int, ...]) -> bool:
+    """Private-use glyphs, and single code points that only serve as parts of sequences."""
+    if any(0xE000 <= cp <= 0xF8FF or cp >= 0xF0000 for cp in seq):
+        return True
     if len(seq) != 1:
         return False
     cp = seq[0]
@@ -425,14 +427,14 @@ def _is_component(seq: tuple[int, ...]) -> bool:
 def eligible_glyphs(font: EmojiFont, min_opaque: float = 0.10, min_side: int = 32) -> list[Glyph]:
     """Glyphs usable as objects, sorted by glyph id.
 
-    Leaves out sequence components (skin-tone swatches, lone regional
-    indicators, ASCII digits) and glyphs that are mostly empty (fewer than
+    Leaves out private-use glyphs, sequence components (skin-tone swatches,
+    lone regional indicators, ASCII digits) and glyphs that are mostly empty (fewer than
     ``min_opaque`` of the cell opaque, or a box side under ``min_side`` px:
     small squares, dotted faces).
     """
     out = []
     for gid, seq in font.sequences.items():
-        if _is_component(seq):
+        if _is_excluded(seq):
             continue
         alpha = np.asarray(font.image(gid).getchannel("A")) > 127
         rows, cols = np.flatnonzero(alpha.any(1)), np.flatnonzero(alpha.any(0))

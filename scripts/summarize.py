@@ -1,0 +1,48 @@
+"""Print a metrics table for run folders (each holding metrics.json).
+
+    python scripts/summarize.py logs/quickstart/L3 logs/quickstart/L0
+    python scripts/summarize.py --latest 6 --markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from src.console import metrics_table  # noqa: E402
+
+COLUMNS = ("mAP", "LocScore@0.4", "LocScore", "R@1")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="*", type=Path, help="run folders")
+    parser.add_argument("--latest", type=int, default=0, help="the N most recent run folders under --logs")
+    parser.add_argument("--logs", type=Path, default=Path("logs"))
+    parser.add_argument("--markdown", action="store_true", help="markdown table with extraction time")
+    args = parser.parse_args()
+    runs = list(args.runs)
+    if args.latest:
+        found = sorted((p.parent for p in args.logs.rglob("metrics.json")), key=lambda p: p.stat().st_mtime)
+        runs += found[-args.latest:]
+    rows = []
+    for run in runs:
+        path = run / "metrics.json"
+        if not path.is_file():
+            sys.exit(f"error: {path}: no metrics.json (did the run finish?)")
+        rows.append((run.name, json.loads(path.read_text())))
+    if not args.markdown:
+        print(metrics_table(rows))
+        return
+    print("| run | " + " | ".join(COLUMNS) + " | extraction s |")
+    print("|---|" + "---:|" * (len(COLUMNS) + 1))
+    for name, m in rows:
+        cells = " | ".join(f"{m[c]:.2f}" if c in m else "-" for c in COLUMNS)
+        print(f"| {name} | {cells} | {m.get('timing', {}).get('extract_s', '-')} |")
+
+
+if __name__ == "__main__":
+    main()
