@@ -195,31 +195,38 @@ def _batches(patches: list[torch.Tensor], batch_size: int) -> Iterator[torch.Ten
         yield stacked[start:start + batch_size]
 
 
-def extract_missing(store: FeatureStore, records: Sequence[ImageRecord], model: LoadedModel, *,
+def extract_missing(stores: Sequence[FeatureStore], records: Sequence[ImageRecord], models: Sequence[LoadedModel], *,
                     batch_size: int, num_workers: int, chunk_size: int, desc: str = "extract") -> ExtractStats:
-    """Encode every record the store lacks, writing one chunk per ``chunk_size`` images."""
+    """Encode every record that any store lacks, writing one chunk per ``chunk_size`` images to each.
+
+    ``models[i]`` describes ``stores[i]``; several pairs share one backbone and
+    differ only by block (``model.with_layer``), so one encoder pass fills them all.
+    """
     stats = ExtractStats(failed=[])
-    todo = store.missing(records)
+    missing = {r.id for store in stores for r in store.missing(records)}
+    todo = [r for r in records if r.id in missing]
     stats.reused = len(records) - len(todo)
     if not todo:
         return stats
+    layers = [m.fingerprint["layer"] for m in models] if len(models) > 1 else None
     started = time.perf_counter()
-    loader = DataLoader(_CropDataset(todo, store.level, store.region, model.transform), batch_size=None,
-                        shuffle=False, num_workers=num_workers, prefetch_factor=4 if num_workers else None,
-                        persistent_workers=False)
+    level, region = stores[0].level, stores[0].region
+    loader = DataLoader(_CropDataset(todo, level, region, models[0].transform), batch_size=None,
+                        shuffle=False, num_workers=num_workers, prefetch_factor=4 if num_workers else None)
     pending: list[tuple[ImageRecord, torch.Tensor | None, np.ndarray, str]] = []
     patches_done = 0
 
     def flush() -> None:
         nonlocal patches_done
         crops = [p[1] for p in pending if p[1] is not None]
-        vectors = [encode(model, batch) for batch in _batches(crops, batch_size)] if crops else []
-        vectors = torch.cat(vectors).numpy() if vectors else np.zeros((0, model.dim), np.float32)
-        store.write_chunk(
-            ids=[p[0].id for p in pending], signatures=[p[0].file_signature() for p in pending],
-            counts=[len(p[2]) for p in pending], vectors=vectors,
-            boxes=np.concatenate([p[2] for p in pending]), errors=[p[3] for p in pending], dim=model.dim)
-        patches_done += len(vectors)
+        outputs = [encode(models[0], batch, layers) for batch in _batches(crops, batch_size)] if crops else []
+        for position, (store, model) in enumerate(zip(stores, models)):
+            vectors = torch.cat([o[position] for o in outputs]).numpy() if outputs else np.zeros((0, model.dim), np.float32)
+            store.write_chunk(
+                ids=[p[0].id for p in pending], signatures=[p[0].file_signature() for p in pending],
+                counts=[len(p[2]) for p in pending], vectors=vectors,
+                boxes=np.concatenate([p[2] for p in pending]), errors=[p[3] for p in pending], dim=model.dim)
+        patches_done += sum(len(c) for c in crops)
         pending.clear()
 
     for record, (crops, boxes, error) in tqdm(zip(todo, loader), total=len(todo), desc=desc, unit="img",
@@ -235,5 +242,6 @@ def extract_missing(store: FeatureStore, records: Sequence[ImageRecord], model: 
     stats.extracted = len(todo)
     stats.seconds = time.perf_counter() - started
     logger.info(f"{desc}: extracted {len(todo):,} images ({patches_done:,} patches) in {stats.seconds:.1f} s "
-                f"({len(todo) / max(stats.seconds, 1e-9):.1f} img/s), reused {stats.reused:,} from {store.folder.name}")
+                f"({len(todo) / max(stats.seconds, 1e-9):.1f} img/s), reused {stats.reused:,} from "
+                f"{', '.join(store.folder.name for store in stores)}")
     return stats

@@ -33,10 +33,12 @@ written.
 from __future__ import annotations
 
 import argparse
+import colorsys
 import gzip
 import io
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -69,15 +71,16 @@ SKIMAGE_REQUIREMENT = "scikit-image==0.25.2"
 # chessboards and near-duplicate stereo/sequence partners are left out.
 OPENCV_PHOTOS = (
     "aero1.jpg", "aero3.jpg", "aloeL.jpg", "apple.jpg", "baboon.jpg", "basketball1.png",
-    "board.jpg", "box.png", "box_in_scene.png", "building.jpg", "butterfly.jpg",
+    "board.jpg", "box_in_scene.png", "building.jpg", "butterfly.jpg",
     "chicky_512.png", "ela_original.jpg", "fruits.jpg", "graf1.png", "home.jpg", "left.jpg",
     "leuvenA.jpg", "licenseplate_motion.jpg", "messi5.jpg", "orange.jpg", "rubberwhale1.png",
     "smarties.png", "squirrel_cls.jpg", "starry_night.jpg", "stuff.jpg",
 )
+# Only the bundled images whose docstring (skimage/data/_fetchers.py) states CC0, public
+# domain or "no known copyright restrictions" (so not moon.png, nor the Middlebury motorcycle).
 SKIMAGE_PHOTOS = (
     "astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png", "coins.png",
-    "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "moon.png",
-    "motorcycle_left.png", "rocket.jpg",
+    "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "rocket.jpg",
 )
 # (package kind, package, folder inside the package, allow-list or None = every *.jpg)
 PHOTO_SETS: tuple[tuple[str, str, str, Optional[tuple[str, ...]]], ...] = (
@@ -86,7 +89,7 @@ PHOTO_SETS: tuple[tuple[str, str, str, Optional[tuple[str, ...]]], ...] = (
     ("pip", SKIMAGE_REQUIREMENT, "skimage/data", SKIMAGE_PHOTOS),
 )
 MIN_PHOTO_SIDE = 256  # smaller files are skipped
-MAX_PHOTO_SIDE = 1280  # photos are downscaled to this longer side once, on load
+MAX_PHOTO_SIDE = 1024  # photos are downscaled to this longer side once, on load
 
 # Every random range the generator uses (uniform unless said otherwise).
 TRANSFORMS: dict[str, Any] = {
@@ -121,10 +124,20 @@ TRANSFORMS: dict[str, Any] = {
         "occlusion_p": 0.3,
         "occlusion_cover": [0.05, 0.30],  # share of the object's opaque pixels hidden
         "occluder_area": [0.15, 0.6],  # occluder area / object box area
+        "occluder_emoji_p": 0.5,  # else a photo patch
         "two_copies_p": 0.1,
         "clutter_emoji": [1, 4],  # integer range, inclusive
         "clutter_photo": [0, 3],
         "clutter_area": [0.01, 0.12],  # log-uniform
+    },
+    "photo_patch": {  # clutter and occluders cut from a photo
+        "crop_scale": [0.05, 0.6],
+        "aspect": [0.6, 1.6],  # log-uniform
+        "ellipse_p": 0.5,  # else a rectangle
+        "flip_p": 0.5,
+        "rotation_deg": 30.0,
+        "perspective": 0.05,
+        "scale_aspect": 1.1,
     },
     "distractor": {
         "clutter_emoji": [2, 6],
@@ -143,8 +156,9 @@ _STRIP_WORDS = frozenset(
     "BLACK WHITE RED ORANGE YELLOW GREEN BLUE PURPLE BROWN LARGE SMALL MEDIUM HEAVY LIGHT DARK "
     "ONE TWO THREE FOUR FIVE SIX SEVEN EIGHT NINE TEN ELEVEN TWELVE THIRTY OCLOCK "
     "NEW FULL FIRST LAST QUARTER WAXING WANING CRESCENT GIBBOUS".split())
-_SMILEY_BLOCKS = ((0x1F600, 0x1F64F), (0x1F910, 0x1F92F), (0x1F970, 0x1F97F), (0x1FAE0, 0x1FAEF),
-                  (0x2639, 0x263A))
+# yellow round faces (the person gestures 1F645-1F64F and face palm 1F926 are not in)
+_SMILEY_BLOCKS = ((0x1F600, 0x1F644), (0x1F910, 0x1F925), (0x1F927, 0x1F92F), (0x1F970, 0x1F97F),
+                  (0x1FAE0, 0x1FAEF), (0x2639, 0x263A))
 
 
 class MiniIliasError(RuntimeError):
@@ -193,11 +207,6 @@ class Glyph:
     codepoints: tuple[int, ...]
     name: str  # readable slug, e.g. "dog_face"
     family: str  # look-alike group, e.g. "seq:1F44D" for every skin tone of thumbs up
-
-    @property
-    def text(self) -> str:
-        """The code point sequence as a string (what ``draw.text`` would be given)."""
-        return "".join(chr(cp) for cp in self.codepoints)
 
 
 class EmojiFont:
@@ -340,13 +349,19 @@ class EmojiFont:
         return Image.open(io.BytesIO(png)).convert("RGBA")
 
 
-def _canonical_sequence(options: set[tuple[int, ...]]) -> tuple[int, ...]:
-    """Pick the Unicode order among the sequences a font maps to one glyph.
+def _is_private(cp: int) -> bool:
+    return 0xE000 <= cp <= 0xF8FF or cp >= 0xF0000
 
-    The font also maps element-reversed ZWJ sequences (for right-to-left text)
-    to the same glyph; a person leads and a gender sign or arrow never does.
+
+def _canonical_sequence(options: set[tuple[int, ...]]) -> tuple[int, ...]:
+    """Pick the standard sequence among those a font maps to one glyph.
+
+    Google's legacy private-use code points come last. The font also maps
+    element-reversed ZWJ sequences (for right-to-left text) to the same
+    glyph; a person leads and a gender sign or arrow never does.
     """
-    return min(options, key=lambda s: (len(s), s[0] not in _PEOPLE, s[0] in _SUFFIXES, s))
+    return min(options, key=lambda s: (any(map(_is_private, s)), len(s), s[0] not in _PEOPLE,
+                                       s[0] in _SUFFIXES, s))
 
 
 def _is_flag(seq: tuple[int, ...]) -> bool:
@@ -363,7 +378,7 @@ def glyph_name(seq: tuple[int, ...], max_len: int = 40) -> str:
     """Readable slug for a code point sequence, e.g. ``thumbs_up_sign_medium_skin``.
 
     Skin tones are named last (the font's own sequences do not always keep
-    them beside their person), flags by their region letters (``flag_fr``).
+    them beside their person), flags by their region letters (``flag_de``).
     """
     if _is_flag(seq):
         letters = [cp - 0x1F1E6 + ord("a") if cp < 0xE0000 else cp - 0xE0000 for cp in seq if cp != 0x1F3F4]
@@ -400,7 +415,7 @@ def glyph_family(seq: tuple[int, ...]) -> str:
     for cp in core:
         if cp == _ZWJ or cp in _SUFFIXES:
             continue
-        elements.append(0 if (0x200D in core and cp in _PEOPLE) else cp)
+        elements.append(0 if (_ZWJ in core and cp in _PEOPLE) else cp)
     if len(elements) == 1 and elements[0]:
         cp = elements[0]
         name = _cp_name(cp)
@@ -415,7 +430,7 @@ def glyph_family(seq: tuple[int, ...]) -> str:
 
 def _is_excluded(seq: tuple[int, ...]) -> bool:
     """Private-use glyphs, and single code points that only serve as parts of sequences."""
-    if any(0xE000 <= cp <= 0xF8FF or cp >= 0xF0000 for cp in seq):
+    if any(map(_is_private, seq)):
         return True
     if len(seq) != 1:
         return False
@@ -486,7 +501,8 @@ def select_instances(glyphs: Sequence[Glyph], config: MiniIliasConfig,
     for k in rng.permutation(len(families)):
         if len(chosen) >= n:
             break
-        chosen.append(_pick(rng, [families[k]]))
+        members = families[k]
+        chosen.append(members[int(rng.integers(len(members)))])
     taken = {g.gid for g in chosen}
     rest = [g for g in glyphs if g.gid not in taken]
     chosen += [rest[i] for i in rng.permutation(len(rest))[: n - len(chosen)]]
@@ -500,7 +516,7 @@ def select_instances(glyphs: Sequence[Glyph], config: MiniIliasConfig,
 class SourceFile:
     """One file taken from a registry package."""
 
-    package: str  # Debian package name or pip requirement
+    package: str  # Debian or PyPI package name
     version: str
     file: str  # path inside the package
     path: Path  # where it lies in the asset cache (not written out)
@@ -558,7 +574,8 @@ def photo_sources() -> list[SourceFile]:
             with Image.open(path) as im:
                 if min(im.size) < MIN_PHOTO_SIDE:
                     continue
-            found.append(SourceFile(package, version, f"{folder}/{path.name}", path, "photos"))
+            name = package.split("==", 1)[0]
+            found.append(SourceFile(name, version, f"{folder}/{path.name}", path, "photos"))
             kept += 1
         if kept == 0:
             logger.warning(f"photo source {package} gave no photo")
@@ -599,14 +616,15 @@ def _perspective_coeffs(dst: np.ndarray, src: np.ndarray) -> tuple[float, ...]:
     return tuple(float(c) for c in np.linalg.solve(a, b))
 
 
-def _alpha_bbox(image: Image.Image) -> Optional[tuple[int, int, int, int]]:
+def _mask_bbox(alpha: Image.Image) -> Optional[tuple[int, int, int, int]]:
+    """(left, top, right, bottom) of the pixels of an "L" image above the box threshold."""
     threshold = TRANSFORMS["alpha_threshold"]
-    return image.getchannel("A").point(lambda a: 255 if a > threshold else 0).getbbox()
+    return alpha.point(lambda a: 255 if a > threshold else 0).getbbox()
 
 
 def _tight(image: Image.Image) -> Image.Image:
     """Crop an RGBA image to its pixels with alpha above the box threshold."""
-    box = _alpha_bbox(image)
+    box = _mask_bbox(image.getchannel("A"))
     if box is None:
         raise MiniIliasError("an object vanished while being drawn")
     return image.crop(box)
@@ -662,7 +680,7 @@ def _warp(source: Image.Image, rng: np.random.Generator, *, target_px: float, ro
     small = (max(1, round(w * little)), max(1, round(h * little)))
     probe = draw(source.getchannel("A").resize(small, Image.Resampling.BILINEAR),
                  corners * [small[0] / w, small[1] / h], little, 2)
-    probe_box = probe.point(lambda a: 255 if a > TRANSFORMS["alpha_threshold"] else 0).getbbox()
+    probe_box = _mask_bbox(probe)
     unit_area = w * h
     if probe_box:
         unit_area = max(1.0, (probe_box[2] - probe_box[0]) * (probe_box[3] - probe_box[1])) / little ** 2
@@ -718,13 +736,8 @@ def _photo_crop(rng: np.random.Generator, photo: Image.Image, size: tuple[int, i
 
 def _uniform_background(rng: np.random.Generator, size: tuple[int, int], ranges: dict[str, Any]) -> Image.Image:
     """A solid colour or a gentle linear gradient between two close colours."""
-    def colour(value_shift: float = 0.0) -> np.ndarray:
-        hue = rng.uniform(0, 1)
-        sat = rng.uniform(*ranges["bg_saturation"])
-        val = float(np.clip(rng.uniform(*ranges["bg_value"]) + value_shift, 0, 1))
-        return np.array(_hsv_to_rgb(hue, sat, val))
-
-    first = colour()
+    hue, sat, val = rng.uniform(0, 1), rng.uniform(*ranges["bg_saturation"]), rng.uniform(*ranges["bg_value"])
+    first = np.array(colorsys.hsv_to_rgb(hue, sat, val))
     if rng.random() >= ranges["gradient_p"]:
         return Image.new("RGB", size, tuple(int(round(c * 255)) for c in first))
     delta = ranges["gradient_value_delta"]
@@ -734,13 +747,6 @@ def _uniform_background(rng: np.random.Generator, size: tuple[int, int], ranges:
     t = np.clip(0.5 + xs * math.cos(angle) + ys * math.sin(angle), 0, 1)[..., None]
     pixels = (first * (1 - t) + second * t) * 255 + 0.5
     return Image.fromarray(pixels.astype(np.uint8), "RGB")
-
-
-def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[float, float, float]:
-    i = int(h * 6) % 6
-    f = h * 6 - int(h * 6)
-    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    return [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
 
 
 # --------------------------------------------------------------------------- scenes
@@ -784,11 +790,12 @@ def _random_photo(rng: np.random.Generator, plan: _Plan) -> tuple[SourceFile, Im
 def _photo_patch(rng: np.random.Generator, plan: _Plan, target_px: float) -> Image.Image:
     """A rectangular or elliptic piece of a photo, as an RGBA source sprite."""
     _, photo = _random_photo(rng, plan)
-    aspect = _loguniform(rng, 0.6, 1.6)
+    ranges = TRANSFORMS["photo_patch"]
+    aspect = _loguniform(rng, *ranges["aspect"])
     side = math.sqrt(target_px)
     size = (max(8, round(side * math.sqrt(aspect))), max(8, round(side / math.sqrt(aspect))))
-    patch = _photo_crop(rng, photo, size, (0.05, 0.6), 0.5).convert("RGBA")
-    if rng.random() < 0.5:
+    patch = _photo_crop(rng, photo, size, ranges["crop_scale"], ranges["flip_p"]).convert("RGBA")
+    if rng.random() < ranges["ellipse_p"]:
         mask = np.zeros((size[1], size[0]), dtype=np.uint8)
         yy, xx = np.mgrid[0:size[1], 0:size[0]]
         inside = ((xx + 0.5 - size[0] / 2) / (size[0] / 2)) ** 2 + ((yy + 0.5 - size[1] / 2) / (size[1] / 2)) ** 2 <= 1
@@ -797,25 +804,35 @@ def _photo_patch(rng: np.random.Generator, plan: _Plan, target_px: float) -> Ima
     return patch
 
 
-def _clutter_sprite(rng: np.random.Generator, plan: _Plan, size: tuple[int, int], emoji: bool) -> Image.Image:
+def _clutter_sprite(rng: np.random.Generator, plan: _Plan, target_px: float,
+                    emoji: bool) -> tuple[Image.Image, Optional[int]]:
+    """A non-instance emoji (warped, recoloured) or a photo patch; returns it and the glyph id (or None)."""
     ranges = TRANSFORMS["positive"]
-    target = _loguniform(rng, *ranges["clutter_area"]) * size[0] * size[1]
     if emoji and plan.clutter:
         glyph = _pick(rng, plan.clutter)
-        sprite = _warp(_glyph_image(plan.font_path, glyph.gid), rng, target_px=target,
+        sprite = _warp(_glyph_image(plan.font_path, glyph.gid), rng, target_px=target_px,
                        rotation=ranges["rotation_deg"], perspective=ranges["perspective"], aspect=ranges["aspect"])
-        return _recolour(sprite, rng, ranges)
-    return _warp(_photo_patch(rng, plan, target), rng, target_px=target, rotation=30.0,
-                 perspective=0.05, aspect=1.1)
+        return _recolour(sprite, rng, ranges), glyph.gid
+    patch = TRANSFORMS["photo_patch"]
+    sprite = _warp(_photo_patch(rng, plan, target_px), rng, target_px=target_px, rotation=patch["rotation_deg"],
+                   perspective=patch["perspective"], aspect=patch["scale_aspect"])
+    return sprite, None
 
 
-def _add_clutter(rng: np.random.Generator, plan: _Plan, canvas: Image.Image, n_emoji: int, n_photo: int) -> None:
+def _add_clutter(rng: np.random.Generator, plan: _Plan, canvas: Image.Image, n_emoji: int,
+                 n_photo: int) -> list[int]:
+    """Paste emoji and photo patches anywhere (up to a third outside); returns the glyph ids used."""
     kinds = [True] * n_emoji + [False] * n_photo
+    used = []
     for k in rng.permutation(len(kinds)):
-        sprite = _clutter_sprite(rng, plan, canvas.size, kinds[k])
+        target = _loguniform(rng, *TRANSFORMS["positive"]["clutter_area"]) * canvas.width * canvas.height
+        sprite, gid = _clutter_sprite(rng, plan, target, kinds[k])
         x = int(rng.integers(-sprite.width // 3, max(1 - sprite.width // 3, canvas.width - 2 * sprite.width // 3)))
         y = int(rng.integers(-sprite.height // 3, max(1 - sprite.height // 3, canvas.height - 2 * sprite.height // 3)))
         _paste(canvas, sprite, (x, y))
+        if gid is not None:
+            used.append(gid)
+    return used
 
 
 def _object_sprite(rng: np.random.Generator, plan: _Plan, glyph: Glyph, size: tuple[int, int]) -> tuple[Image.Image, dict]:
@@ -831,35 +848,31 @@ def _object_sprite(rng: np.random.Generator, plan: _Plan, glyph: Glyph, size: tu
 
 
 def _occlude(rng: np.random.Generator, plan: _Plan, canvas: Image.Image, sprite: Image.Image,
-             xy: tuple[int, int]) -> float:
-    """Paste an emoji or photo patch over part of the object; returns the hidden share (0 if none fit)."""
+             xy: tuple[int, int]) -> tuple[float, Optional[int]]:
+    """Paste an emoji or photo patch over part of the object.
+
+    Returns the share of the object's opaque pixels it hides (0 when no try
+    of 12 hid a share within the range) and the occluding glyph id, if any.
+    """
     ranges = TRANSFORMS["positive"]
     lo, hi = ranges["occlusion_cover"]
     obj = np.asarray(sprite.getchannel("A")) > TRANSFORMS["alpha_threshold"]
-    total = obj.sum()
+    total = max(int(obj.sum()), 1)
     for _ in range(12):
         target = rng.uniform(*ranges["occluder_area"]) * sprite.width * sprite.height
-        if plan.clutter and rng.random() < 0.5:
-            glyph = _pick(rng, plan.clutter)
-            occ = _warp(_glyph_image(plan.font_path, glyph.gid), rng, target_px=target,
-                        rotation=ranges["rotation_deg"], perspective=ranges["perspective"], aspect=ranges["aspect"])
-        else:
-            occ = _warp(_photo_patch(rng, plan, target), rng, target_px=target, rotation=30.0,
-                        perspective=0.05, aspect=1.1)
+        occ, gid = _clutter_sprite(rng, plan, target, rng.random() < ranges["occluder_emoji_p"])
         ox = xy[0] + int(rng.integers(-occ.width + 1, sprite.width))
         oy = xy[1] + int(rng.integers(-occ.height + 1, sprite.height))
-        mask = np.zeros_like(obj)
-        occ_a = np.asarray(occ.getchannel("A")) > TRANSFORMS["alpha_threshold"]
         x0, y0 = max(ox, xy[0]), max(oy, xy[1])
         x1, y1 = min(ox + occ.width, xy[0] + sprite.width), min(oy + occ.height, xy[1] + sprite.height)
         if x1 <= x0 or y1 <= y0:
             continue
-        mask[y0 - xy[1]:y1 - xy[1], x0 - xy[0]:x1 - xy[0]] = occ_a[y0 - oy:y1 - oy, x0 - ox:x1 - ox]
-        cover = float((obj & mask).sum() / max(total, 1))
+        occ_a = np.asarray(occ.getchannel("A"))[y0 - oy:y1 - oy, x0 - ox:x1 - ox] > TRANSFORMS["alpha_threshold"]
+        cover = float((obj[y0 - xy[1]:y1 - xy[1], x0 - xy[0]:x1 - xy[0]] & occ_a).sum() / total)
         if lo <= cover <= hi:
             _paste(canvas, occ, (ox, oy))
-            return round(cover, 4)
-    return 0.0
+            return round(cover, 4), gid
+    return 0.0, None
 
 
 def _boxes_overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: int = 4) -> bool:
@@ -868,14 +881,19 @@ def _boxes_overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int], g
 
 
 def _draw_scene(rng: np.random.Generator, plan: _Plan, glyph: Optional[Glyph], copies: int,
-                n_emoji: int, n_photo: int) -> tuple[Image.Image, list[tuple[int, int, int, int]], dict]:
-    """Photo background, clutter behind, then ``copies`` of ``glyph`` (maybe occluded) on top."""
+                counts: dict[str, Any]) -> tuple[Image.Image, list[tuple[int, int, int, int]], dict]:
+    """Photo background, clutter behind, then ``copies`` of ``glyph`` (maybe occluded) on top.
+
+    ``counts`` gives the ranges of the numbers of clutter emoji and photo patches.
+    """
     ranges = TRANSFORMS["positive"]
     size = (int(rng.integers(ranges["side_px"][0], ranges["side_px"][1] + 1)),
             int(rng.integers(ranges["side_px"][0], ranges["side_px"][1] + 1)))
     source, photo = _random_photo(rng, plan)
     canvas = _photo_crop(rng, photo, size, ranges["crop_scale"], ranges["flip_p"])
-    _add_clutter(rng, plan, canvas, n_emoji, n_photo)
+    n_emoji = int(rng.integers(counts["clutter_emoji"][0], counts["clutter_emoji"][1] + 1))
+    n_photo = int(rng.integers(counts["clutter_photo"][0], counts["clutter_photo"][1] + 1))
+    clutter = _add_clutter(rng, plan, canvas, n_emoji, n_photo)
     boxes: list[tuple[int, int, int, int]] = []
     objects = []
     for _ in range(copies if glyph is not None else 0):
@@ -888,15 +906,19 @@ def _draw_scene(rng: np.random.Generator, plan: _Plan, glyph: Optional[Glyph], c
         else:
             continue  # no free room for another copy
         _paste(canvas, sprite, xy)
-        info["occluded"] = _occlude(rng, plan, canvas, sprite, xy) if rng.random() < ranges["occlusion_p"] else 0.0
+        info["occluded"] = 0.0
+        if rng.random() < ranges["occlusion_p"]:
+            info["occluded"], gid = _occlude(rng, plan, canvas, sprite, xy)
+            if gid is not None:
+                clutter.append(gid)
         info["area"] = round(sprite.width * sprite.height / (size[0] * size[1]), 5)
         boxes.append(box)
         objects.append(info)
     image_blur = rng.uniform(*ranges["image_blur_radius"]) if rng.random() < ranges["image_blur_p"] else 0.0
     if image_blur:
         canvas = canvas.filter(ImageFilter.GaussianBlur(image_blur))
-    meta = {"background": f"{source.package.split('==')[0]}:{Path(source.file).name}", "objects": objects,
-            "clutter": n_emoji + n_photo, "image_blur": round(image_blur, 3)}
+    meta = {"background": f"{source.package}:{Path(source.file).name}", "objects": objects,
+            "clutter_glyphs": clutter, "image_blur": round(image_blur, 3)}
     return canvas, boxes, meta
 
 
@@ -929,19 +951,13 @@ def _render(task: tuple[str, int, int]) -> tuple[str, dict]:
         glyph = plan.instances[i]
         ranges = TRANSFORMS["positive"]
         copies = 2 if rng.random() < ranges["two_copies_p"] else 1
-        image, boxes, meta = _draw_scene(rng, plan, glyph, copies, int(rng.integers(ranges["clutter_emoji"][0],
-                                         ranges["clutter_emoji"][1] + 1)),
-                                         int(rng.integers(ranges["clutter_photo"][0], ranges["clutter_photo"][1] + 1)))
+        image, boxes, meta = _draw_scene(rng, plan, glyph, copies, ranges)
         rel = f"ilias_core/{instance_folder(glyph, i)}/pos/P{i:03d}_{j:02d}"
     else:
         ranges = TRANSFORMS["distractor"]
-        decoy = None
-        if plan.decoys and rng.random() < ranges["decoy_p"]:
-            decoy = _pick(rng, plan.decoys)
-        image, boxes, meta = _draw_scene(rng, plan, decoy, 1, int(rng.integers(ranges["clutter_emoji"][0],
-                                         ranges["clutter_emoji"][1] + 1)),
-                                         int(rng.integers(ranges["clutter_photo"][0], ranges["clutter_photo"][1] + 1)))
-        meta["decoy"] = decoy.name if decoy is not None else None
+        decoy = _pick(rng, plan.decoys) if plan.decoys and rng.random() < ranges["decoy_p"] else None
+        image, boxes, meta = _draw_scene(rng, plan, decoy, 1, ranges)
+        meta["decoy_glyph"] = decoy.gid if decoy is not None else None
         boxes = []  # distractors are unlabelled
         rel = f"distractors/D{i:06d}"
     path = plan.out / f"{rel}.jpg"
@@ -959,7 +975,7 @@ def _render(task: tuple[str, int, int]) -> tuple[str, dict]:
     return f"{rel}.jpg", meta
 
 
-def _init_worker(plan: _Plan) -> None:
+def _init_worker(plan: Optional[_Plan]) -> None:
     global _PLAN
     _PLAN = plan
 
@@ -980,7 +996,10 @@ def _existing(out: Path, config: MiniIliasConfig) -> Optional[dict]:
         raise MiniIliasError(f"{out} exists and is not a folder")
     marker = out / "GENERATED.json"
     if marker.is_file():
-        done = json.loads(marker.read_text())
+        try:
+            done = json.loads(marker.read_text())
+        except ValueError as err:
+            raise MiniIliasError(f"{marker} is unreadable ({err}); delete {out} to regenerate") from None
         wanted = {"version": GENERATOR_VERSION, **asdict(config)}
         found = {"version": done.get("version"), **done.get("parameters", {})}
         if found == wanted:
@@ -1032,19 +1051,29 @@ def generate(out: Path, config: MiniIliasConfig = MiniIliasConfig(), workers: in
         tasks += [("pos", i, j) for i in range(len(instances)) for j in range(config.positives_per_instance)]
         tasks += [("distractor", i, 0) for i in range(config.distractors)]
         if workers > 1:
-            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(plan,)) as pool:
+            # spawn, not fork: the caller may hold threads (torch, OpenMP) that fork would copy half-way
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                     initargs=(plan,)) as pool:
                 results = list(pool.map(_render, tasks, chunksize=max(1, len(tasks) // (8 * workers))))
         else:
             _init_worker(plan)
             results = [_render(task) for task in tasks]
         content = _manifest(config, font_file, photos, instances, results)
         (tmp / "GENERATED.json").write_text(json.dumps(content, indent=1, sort_keys=True) + "\n")
-        if out.is_dir():
-            out.rmdir()  # empty, checked above; fails if someone wrote into it meanwhile
-        os.rename(tmp, out)
+        try:
+            if out.is_dir():
+                out.rmdir()  # empty, checked above; fails if someone wrote into it meanwhile
+            os.rename(tmp, out)
+        except OSError:
+            if _existing(out, config) is None:  # not a twin run that finished first
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _init_worker(None)
     counts = content["counts"]
     logger.info(f"mini-ILIAS: {counts['instances']} instances, {counts['queries']} queries, "
                 f"{counts['positives']} positives, {counts['distractors']} distractors written to {out} "

@@ -22,9 +22,9 @@ Descriptor = ``pool(block_output(layer))``, L2-normalised:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import timm
 import torch
@@ -57,32 +57,25 @@ class Encoder(nn.Module):
         if pool == "cls" and not (self.is_vit and backbone.num_prefix_tokens > 0):
             raise ModelConfigError("model.pool=cls needs a ViT with a class token; use mean, gem or head")
 
-    def _tokens(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(prefix tokens (B, P, C) or None, patch tokens (B, N, C) or feature map (B, C, H, W))."""
+    def _block_outputs(self, images: torch.Tensor, layers: Sequence[int]) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+        """Per layer: (prefix tokens (B, P, C) or None, patch tokens (B, N, C) or feature map (B, C, H, W))."""
         net = self.backbone
-        if self.layer == -1:
+        if list(layers) == [-1]:
             features = net.forward_features(images)
             if self.is_vit:
                 prefix = net.num_prefix_tokens
-                return features[:, :prefix], features[:, prefix:]
-            return None, features
+                return [(features[:, :prefix], features[:, prefix:])]
+            return [(None, features)]
         if self.is_vit:
-            (patches, prefix), = net.forward_intermediates(
-                images, indices=[self.layer], norm=self.norm_intermediate, output_fmt="NLC",
+            outputs = net.forward_intermediates(
+                images, indices=list(layers), norm=self.norm_intermediate, output_fmt="NLC",
                 intermediates_only=True, return_prefix_tokens=True)
-            return prefix, patches
-        (feature_map,) = net.forward_intermediates(
-            images, indices=[self.layer], norm=self.norm_intermediate, intermediates_only=True)
-        return None, feature_map
+            return [(prefix, patches) for patches, prefix in outputs]
+        outputs = net.forward_intermediates(images, indices=list(layers), norm=self.norm_intermediate,
+                                            intermediates_only=True)
+        return [(None, feature_map) for feature_map in outputs]
 
-    @torch.inference_mode()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        net = self.backbone
-        if self.pool == "projection":
-            return F.normalize(net(images).float(), dim=-1)
-        if self.pool == "head":
-            return F.normalize(net.forward_head(net.forward_features(images), pre_logits=True).float(), dim=-1)
-        prefix, tokens = self._tokens(images)
+    def _pool(self, prefix: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
         if self.pool == "cls":
             return F.normalize(prefix[:, 0].float(), dim=-1)
         tokens = tokens.float()
@@ -92,6 +85,19 @@ class Encoder(nn.Module):
         else:  # gem
             pooled = tokens.clamp(min=1e-6).pow(self.gem_p).mean(dim=dims).pow(1.0 / self.gem_p)
         return F.normalize(pooled, dim=-1)
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor, layers: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Descriptors (B, D) of each of ``layers`` (default: the configured layer), from one pass."""
+        net = self.backbone
+        layers = [self.layer] if layers is None else list(layers)
+        if self.pool == "projection":
+            return [F.normalize(net(images).float(), dim=-1)]
+        if self.pool == "head":
+            return [F.normalize(net.forward_head(net.forward_features(images), pre_logits=True).float(), dim=-1)]
+        if len(layers) > 1 and -1 in layers:
+            raise ModelConfigError("several layers in one pass must be given as block indices, not -1")
+        return [self._pool(prefix, tokens) for prefix, tokens in self._block_outputs(images, layers)]
 
 
 @dataclass
@@ -187,16 +193,24 @@ def load_model(cfg: DictConfig, device: str = "auto", precision: str = "auto") -
     }
     size = int(data_config["input_size"][-1])
     probe = torch.zeros(1, 3, size, size, device=torch_device, dtype=torch.float16 if half else torch.float32)
-    dim = int(encoder(probe).shape[-1])
+    dim = int(encoder(probe)[0].shape[-1])
     return LoadedModel(encoder, transform, data_config, fingerprint, torch_device, half, dim)
 
 
-def encode(model: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
-    """Descriptors (B, D) float32 on CPU for a preprocessed batch."""
+def encode(model: LoadedModel, batch: torch.Tensor, layers: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """Descriptors (B, D) float32 on CPU for a preprocessed batch, one tensor per layer."""
     batch = batch.to(model.device, non_blocking=True)
     if model.half:
         batch = batch.half()
-    return model.encoder(batch).float().cpu()
+    return [out.float().cpu() for out in model.encoder(batch, layers)]
 
 
-__all__ = ["Encoder", "LoadedModel", "ModelConfigError", "encode", "load_model", "resolve_device", "POOLS"]
+def with_layer(model: LoadedModel, layer: int) -> LoadedModel:
+    """The same loaded encoder described at another block (fingerprint and width changed accordingly)."""
+    size = model.input_size
+    probe = torch.zeros(1, 3, size, size, device=model.device, dtype=torch.float16 if model.half else torch.float32)
+    dim = int(model.encoder(probe, [layer])[0].shape[-1])
+    return replace(model, fingerprint={**model.fingerprint, "layer": int(layer)}, dim=dim)
+
+
+__all__ = ["Encoder", "LoadedModel", "ModelConfigError", "encode", "load_model", "resolve_device", "with_layer", "POOLS"]

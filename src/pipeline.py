@@ -86,7 +86,7 @@ class FeatureSource:
         for level in levels:
             store = self.store(level, region)
             ex = self.cfg.extract
-            self.stats.append(extract_missing(store, records, self.model, batch_size=ex.batch_size,
+            self.stats.append(extract_missing([store], records, [self.model], batch_size=ex.batch_size,
                                               num_workers=ex.num_workers, chunk_size=ex.chunk_size,
                                               desc=f"{desc} L{level}"))
             part, _ = store.gather(records, expected_dim=self.model.dim)
@@ -167,7 +167,7 @@ def build_index(cfg: DictConfig, source: FeatureSource, gallery: list[ImageRecor
         faiss_index.check_training_size(spec, len(train))
         started = time.perf_counter()
         index = faiss_index.to_device(faiss_index.create_index(spec, dim), use_gpu)
-        faiss_index.train_index(index, train, spec)
+        faiss_index.train_index(index, train, spec, seed=int(cfg.seed))
         faiss_index.write_index(index, trained_path)
         logger.info(f"index: trained {factory} on {len(train):,} vectors of levels {train_levels} "
                     f"in {time.perf_counter() - started:.1f} s -> {trained_path.name}")

@@ -72,11 +72,11 @@ def test_killed_extraction_resumes_from_last_chunk(smoke_overrides, tmp_path, mo
     calls = {"n": 0}
     real_encode = extraction.encode
 
-    def dying_encode(model, batch):
+    def dying_encode(model, batch, layers=None):
         calls["n"] += 1
         if calls["n"] > 3:
             raise KeyboardInterrupt("killed")
-        return real_encode(model, batch)
+        return real_encode(model, batch, layers)
 
     overrides = smoke_overrides + ["pyramid.level=0", "extract.chunk_size=4"]
     monkeypatch.setattr(extraction, "encode", dying_encode)
@@ -115,9 +115,9 @@ def test_train_level_selects_training_vectors(smoke_overrides, tmp_path, monkeyp
     seen = {}
     real_train = faiss_index.train_index
 
-    def spy(index, vectors, spec):
+    def spy(index, vectors, spec, **kwargs):
         seen["n"] = len(vectors)
-        return real_train(index, vectors, spec)
+        return real_train(index, vectors, spec, **kwargs)
 
     monkeypatch.setattr(faiss_index, "train_index", spy)
     metrics = _run(smoke_overrides + ["pyramid.level=2", "pyramid.multi_scale=single", "index=ivfpq",
