@@ -23,6 +23,9 @@ def main() -> None:
     parser.add_argument("--latest", type=int, default=0, help="the N most recent run folders under --logs")
     parser.add_argument("--logs", type=Path, default=Path("logs"))
     parser.add_argument("--markdown", action="store_true", help="markdown table with extraction time")
+    parser.add_argument("--stage-times", type=Path, default=None,
+                        help="run folder whose per-stage extraction times (a run that extracted every level "
+                             "from an empty cache) give each row's extraction time: queries + its levels")
     args = parser.parse_args()
     runs = list(args.runs)
     if args.latest:
@@ -37,11 +40,18 @@ def main() -> None:
     if not args.markdown:
         print(metrics_table(rows))
         return
+    stages = None
+    if args.stage_times:
+        stages = json.loads((args.stage_times / "metrics.json").read_text())["timing"]["extract_s_by_stage"]
     print("| run | " + " | ".join(COLUMNS) + " | extraction s |")
     print("|---|" + "---:|" * (len(COLUMNS) + 1))
     for name, m in rows:
         cells = " | ".join(f"{m[c]:.2f}" if c in m else "-" for c in COLUMNS)
-        print(f"| {name} | {cells} | {m.get('timing', {}).get('extract_s', '-')} |")
+        seconds = m.get("timing", {}).get("extract_s", "-")
+        if stages is not None:
+            wanted = ["queries L0", *(f"gallery L{level}" for level in m["counts"]["levels"])]
+            seconds = round(sum(stages[w] for w in wanted), 1)
+        print(f"| {name} | {cells} | {seconds} |")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -62,6 +62,7 @@ class PatchFeatures:
 
 @dataclass
 class ExtractStats:
+    desc: str = ""
     extracted: int = 0
     reused: int = 0
     failed: list[str] | None = None
@@ -189,12 +190,6 @@ class _CropDataset(TorchDataset):
         return torch.stack(crops), boxes, ""
 
 
-def _batches(patches: list[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
-    stacked = torch.cat(patches)
-    for start in range(0, len(stacked), batch_size):
-        yield stacked[start:start + batch_size]
-
-
 def extract_missing(stores: Sequence[FeatureStore], records: Sequence[ImageRecord], models: Sequence[LoadedModel], *,
                     batch_size: int, num_workers: int, chunk_size: int, desc: str = "extract") -> ExtractStats:
     """Encode every record that any store lacks, writing one chunk per ``chunk_size`` images to each.
@@ -202,7 +197,7 @@ def extract_missing(stores: Sequence[FeatureStore], records: Sequence[ImageRecor
     ``models[i]`` describes ``stores[i]``; several pairs share one backbone and
     differ only by block (``model.with_layer``), so one encoder pass fills them all.
     """
-    stats = ExtractStats(failed=[])
+    stats = ExtractStats(desc=desc, failed=[])
     missing = {r.id for store in stores for r in store.missing(records)}
     todo = [r for r in records if r.id in missing]
     stats.reused = len(records) - len(todo)
@@ -213,32 +208,47 @@ def extract_missing(stores: Sequence[FeatureStore], records: Sequence[ImageRecor
     level, region = stores[0].level, stores[0].region
     loader = DataLoader(_CropDataset(todo, level, region, models[0].transform), batch_size=None,
                         shuffle=False, num_workers=num_workers, prefetch_factor=4 if num_workers else None)
-    pending: list[tuple[ImageRecord, torch.Tensor | None, np.ndarray, str]] = []
+    pending: list[tuple[ImageRecord, np.ndarray, str]] = []  # images of the current chunk
+    crops: list[torch.Tensor] = []                            # preprocessed patches not yet encoded
+    encoded: list[list[torch.Tensor]] = []                    # per batch: one (B, D) tensor per store
     patches_done = 0
 
-    def flush() -> None:
+    def encode_crops(everything: bool) -> None:
+        """Encode full batches (and the remainder when ``everything``)."""
+        nonlocal crops
+        stacked = torch.cat(crops) if crops else torch.zeros(0)
+        full = len(stacked) if everything else len(stacked) // batch_size * batch_size
+        for start in range(0, full, batch_size):
+            encoded.append(encode(models[0], stacked[start:min(start + batch_size, full)], layers))
+        crops = [stacked[full:]] if full < len(stacked) else []
+
+    def write_chunk() -> None:
         nonlocal patches_done
-        crops = [p[1] for p in pending if p[1] is not None]
-        outputs = [encode(models[0], batch, layers) for batch in _batches(crops, batch_size)] if crops else []
+        encode_crops(everything=True)
         for position, (store, model) in enumerate(zip(stores, models)):
-            vectors = torch.cat([o[position] for o in outputs]).numpy() if outputs else np.zeros((0, model.dim), np.float32)
+            vectors = torch.cat([e[position] for e in encoded]).numpy() if encoded else np.zeros((0, model.dim), np.float32)
             store.write_chunk(
                 ids=[p[0].id for p in pending], signatures=[p[0].file_signature() for p in pending],
-                counts=[len(p[2]) for p in pending], vectors=vectors,
-                boxes=np.concatenate([p[2] for p in pending]), errors=[p[3] for p in pending], dim=model.dim)
-        patches_done += sum(len(c) for c in crops)
+                counts=[len(p[1]) for p in pending], vectors=vectors,
+                boxes=np.concatenate([p[1] for p in pending]), errors=[p[2] for p in pending], dim=model.dim)
+        patches_done += sum(len(p[1]) for p in pending)
         pending.clear()
+        encoded.clear()
 
-    for record, (crops, boxes, error) in tqdm(zip(todo, loader), total=len(todo), desc=desc, unit="img",
-                                            dynamic_ncols=True, leave=False):
+    for record, (image_crops, boxes, error) in tqdm(zip(todo, loader), total=len(todo), desc=desc, unit="img",
+                                                  dynamic_ncols=True, leave=False):
         if error:
             logger.warning(f"skipped {error}")
             stats.failed.append(error)
-        pending.append((record, crops, boxes, error))
+        else:
+            crops.append(image_crops)
+            if sum(len(c) for c in crops) >= batch_size:
+                encode_crops(everything=False)
+        pending.append((record, boxes, error))
         if len(pending) >= chunk_size:
-            flush()
+            write_chunk()
     if pending:
-        flush()
+        write_chunk()
     stats.extracted = len(todo)
     stats.seconds = time.perf_counter() - started
     logger.info(f"{desc}: extracted {len(todo):,} images ({patches_done:,} patches) in {stats.seconds:.1f} s "

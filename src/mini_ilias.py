@@ -835,7 +835,8 @@ def _add_clutter(rng: np.random.Generator, plan: _Plan, canvas: Image.Image, n_e
     return used
 
 
-def _object_sprite(rng: np.random.Generator, plan: _Plan, glyph: Glyph, size: tuple[int, int]) -> tuple[Image.Image, dict]:
+def _object_sprite(rng: np.random.Generator, plan: _Plan, glyph: Glyph,
+                   size: tuple[int, int]) -> tuple[Image.Image, dict]:
     """An instance (or decoy) drawn as in a positive: warped, recoloured, maybe blurred."""
     cfg, ranges = plan.config, TRANSFORMS["positive"]
     lo, hi = cfg.min_area, cfg.max_area

@@ -225,6 +225,7 @@ def run_eval(cfg: DictConfig, report: RunReport) -> dict:
     metrics = evaluate(results, k=k, iou_thresholds=resolve_iou_thresholds(cfg.eval.iou_threshold),
                        metrics=tuple(m.lower() for m in cfg.eval.metrics))
     metrics["timing"] = {"extract_s": round(sum(s.seconds for s in source.stats), 2),
+                         "extract_s_by_stage": {s.desc: round(s.seconds, 2) for s in source.stats if s.extracted},
                          "index_and_search_s": round(search_seconds, 2)}
     metrics["counts"] = {"queries": len(dataset.queries), "gallery_images": len(dataset.gallery),
                          "gallery_patches": int(len(gallery.vectors)), "levels": levels,
