@@ -255,3 +255,20 @@ def extract_missing(stores: Sequence[FeatureStore], records: Sequence[ImageRecor
                 f"({len(todo) / max(stats.seconds, 1e-9):.1f} img/s), reused {stats.reused:,} from "
                 f"{', '.join(store.folder.name for store in stores)}")
     return stats
+
+
+def describe_images(records: Sequence[ImageRecord], model: LoadedModel, *, region: str = "full",
+                    batch_size: int = 16) -> tuple[np.ndarray, list[str]]:
+    """Global (level-0) descriptors of a few images, uncached (e.g. search queries).
+
+    Returns (vectors (n_readable, d) in record order, error messages of unreadable images).
+    """
+    dataset = _CropDataset(records, 0, region, model.transform)
+    items = [dataset[i] for i in range(len(records))]
+    errors = [error for _, _, error in items if error]
+    crops = [c for c, _, error in items if not error]
+    if not crops:
+        return np.zeros((0, model.dim), np.float32), errors
+    stacked = torch.cat(crops)
+    vectors = [encode(model, stacked[i:i + batch_size])[0] for i in range(0, len(stacked), batch_size)]
+    return torch.cat(vectors).numpy(), errors

@@ -16,9 +16,10 @@ from loguru import logger
 from omegaconf import DictConfig
 
 from . import index as faiss_index
-from .cache import content_key, list_key
-from .data import Dataset, DataError, ImageRecord, read_folder, read_ilias_layout, read_manifest, write_manifest
-from .extraction import ExtractStats, FeatureStore, PatchFeatures, extract_missing
+from .cache import CacheError, content_key, list_key, load_arrays, save_arrays
+from .data import (IMAGE_EXTENSIONS, Dataset, DataError, ImageRecord, read_folder, read_ilias_layout, read_manifest,
+                   write_manifest)
+from .extraction import ExtractStats, FeatureStore, PatchFeatures, describe_images, extract_missing
 from .metrics import QueryResult, evaluate, resolve_iou_thresholds
 from .model import LoadedModel, load_model
 from .pyramid import MAX_LEVEL, levels_for
@@ -233,6 +234,10 @@ def run_eval(cfg: DictConfig, report: RunReport) -> dict:
                          "reused_images": sum(s.reused for s in source.stats),
                          "skipped_images": sorted({e for s in source.stats for e in (s.failed or [])})}
     report.write_results(dataset, hits, gallery, results, metrics)
+    if cfg.eval.visualize:
+        report.write_visuals(dataset, results, hits, metrics, top=int(cfg.eval.visualize_top),
+                             max_queries=int(cfg.eval.visualize_max_queries))
+        logger.info(f"pictures: {report.dir / 'pictures'}, report: {report.dir / 'report.html'}")
     return metrics
 
 
@@ -251,7 +256,98 @@ def run_extract(cfg: DictConfig, report: RunReport) -> dict:
     return summary
 
 
-TASKS = {"eval": run_eval, "extract": run_extract}
+# ----------------------------------------------------------------------------- index a folder, search it
+
+def bundle_folder(cfg: DictConfig, model_fingerprint: dict, levels: list[int]) -> Path:
+    """Where task=index keeps the searchable index of ``dataset.root`` for these settings."""
+    fields = {"root": str(Path(cfg.dataset.root).resolve()), "model": model_fingerprint, "levels": levels,
+              "mode": cfg.pyramid.mode, "index": dict(index_spec(cfg.index).__dict__)}
+    return Path(cfg.paths.indices) / "search" / (
+        f"{Path(cfg.dataset.root).resolve().name}.{cfg.model.name}.L{'-'.join(map(str, levels))}.{cfg.index.kind}"
+        f"-{content_key(fields)}")
+
+
+def run_index(cfg: DictConfig, report: RunReport) -> dict:
+    """Index a gallery (any folder with dataset=folder) for task=search; only new or changed images are encoded."""
+    dataset = load_dataset(cfg.dataset)
+    levels = levels_for(int(cfg.pyramid.level), cfg.pyramid.multi_scale)
+    source = make_feature_source(cfg)
+    patches = source.features(dataset.gallery, levels, desc="gallery")
+    index = build_index(cfg, source, dataset.gallery, patches, levels)
+    folder = bundle_folder(cfg, source.model.fingerprint, levels)
+    faiss_index.write_index(index, folder / "index.faiss")
+    save_arrays(folder / "gallery.npz", ids=np.asarray([r.id for r in dataset.gallery], dtype=str),
+                paths=np.asarray([str(r.path) for r in dataset.gallery], dtype=str),
+                patch_image=patches.image, boxes=patches.boxes, levels=np.asarray(levels))
+    skipped = sorted({e for s in source.stats for e in (s.failed or [])} | set(dataset.skipped))
+    summary = {"bundle": str(folder), "images": len(dataset.gallery), "patches": int(len(patches.vectors)),
+               "extracted": sum(s.extracted for s in source.stats), "reused": sum(s.reused for s in source.stats),
+               "skipped": skipped, "extract_s": round(sum(s.seconds for s in source.stats), 2)}
+    report.write_json("index.json", summary)
+    for line in skipped:
+        logger.warning(f"skipped {line}")
+    logger.info(f"indexed {summary['images']:,} images ({summary['patches']:,} patches; {summary['extracted']:,} newly "
+                f"encoded, {summary['reused']:,} from cache, {len(skipped)} skipped) -> {folder}")
+    return summary
+
+
+def _query_paths(path: str | None) -> list[Path]:
+    if not path:
+        raise ConfigError("task=search needs a query image: query=PATH (a file or a folder of images)")
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not found:
+            raise DataError(f"{path}: no query images in this folder")
+        return found
+    if not path.exists():
+        raise DataError(f"{path}: query image not found")
+    return [path]
+
+
+def run_search(cfg: DictConfig, report: RunReport) -> dict:
+    """Search an index made by task=index with one or more query images; print, save JSON and pictures."""
+    from .visualize import result_strip
+
+    levels = levels_for(int(cfg.pyramid.level), cfg.pyramid.multi_scale)
+    source = make_feature_source(cfg)
+    folder = bundle_folder(cfg, source.model.fingerprint, levels)
+    if not (folder / "index.faiss").is_file():
+        raise DataError(f"{folder}: no index for {cfg.dataset.root} with these settings; run task=index first")
+    index = faiss_index.read_index(folder / "index.faiss")
+    gallery = load_arrays(folder / "gallery.npz")
+    if index.d != source.model.dim:
+        raise CacheError(f"{folder / 'index.faiss'}: index dimension {index.d} does not match the model's {source.model.dim}")
+    faiss_index.set_nprobe(index, int(cfg.index.get("nprobe", 1)))
+    records = [ImageRecord(id=str(p), path=p) for p in _query_paths(cfg.query.path)]
+    k = int(cfg.query.top_k)
+    output = []
+    for record in records:
+        started = time.perf_counter()
+        vectors, errors = describe_images([record], source.model)
+        if errors:
+            raise DataError(errors[0])
+        hits = search_images(index, vectors, gallery["patch_image"], k, metric=str(cfg.index.metric))
+        seconds = time.perf_counter() - started
+        valid = hits.images[0] >= 0
+        top = [{"rank": rank + 1, "id": str(gallery["ids"][i]), "path": str(gallery["paths"][i]),
+                "score": round(float(score), 4), "box": [round(float(v), 1) for v in gallery["boxes"][patch]]}
+               for rank, (i, score, patch) in enumerate(zip(hits.images[0][valid], hits.scores[0][valid],
+                                                             hits.patches[0][valid]))]
+        output.append({"query": str(record.path), "seconds": round(seconds, 4), "results": top})
+        print(f"\nquery {record.path} ({seconds * 1000:.0f} ms)")
+        for hit in top:
+            print(f"  {hit['rank']:>3}  {hit['score']:.4f}  box {hit['box']}  {hit['path']}")
+        strip = result_strip(record, [{"record": ImageRecord(id=h["id"], path=Path(h["path"])), "score": h["score"],
+                                       "box": tuple(h["box"]), "relevant": None, "gt_boxes": None} for h in top])
+        picture = report.dir / f"search_{len(output):03d}_{record.path.stem}.jpg"
+        strip.save(picture, quality=90)
+        logger.info(f"picture: {picture}")
+    report.write_json("search.json", output)
+    return {"queries": len(output), "results": str(report.dir / "search.json")}
+
+
+TASKS = {"eval": run_eval, "extract": run_extract, "index": run_index, "search": run_search}
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:

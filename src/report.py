@@ -7,7 +7,10 @@
 - ``results.jsonl``: one line per query: top-k ids, scores, predicted boxes;
 - ``similarity.json``: ILIAS's own format, ``{query_id: {db_id: score}}`` in
   ranked order, which ILIAS's ``evaluation/evaluate.py`` reads;
-- ``run.log``: the console log (added by ``main.py``).
+- ``run.log``: the console log (added by ``main.py``);
+- with ``eval.visualize=true``: ``pictures/<query>.jpg`` (query beside its top-k,
+  predicted boxes orange, ground truth green, hits and misses framed) and one
+  self-contained ``report.html``.
 """
 
 from __future__ import annotations
@@ -83,3 +86,19 @@ class RunReport:
         atomic_write_text(self.dir / "results.jsonl", "\n".join(lines) + "\n")
         atomic_write_text(self.dir / "similarity.json", json.dumps(similarity))
         metrics["per_query"] = per_query
+
+    def write_visuals(self, dataset, results, hits, metrics: dict, top: int, max_queries: int) -> None:
+        """Per-query pictures and the HTML report for the first ``max_queries`` queries."""
+        from .visualize import write_html_report, write_query_pictures
+
+        by_id = {r.id: r for r in dataset.gallery}
+        items = []
+        for row, result in enumerate(results[:max_queries]):
+            valid = hits.images[row] >= 0
+            ranked = [{"record": by_id[image_id], "score": float(score), "box": tuple(box),
+                       "relevant": image_id in result.positives, "gt_boxes": result.positives.get(image_id)}
+                      for image_id, score, box in zip(result.ranked_ids[:top], hits.scores[row][valid][:top],
+                                                      result.ranked_boxes[:top])]
+            items.append((dataset.queries[row], ranked))
+        write_query_pictures(self.dir / "pictures", items, top=top)
+        write_html_report(self.dir / "report.html", f"Patchify: {self.dir.name}", metrics, items, top=top)

@@ -130,3 +130,10 @@ def test_train_level_selects_training_vectors(smoke_overrides, tmp_path, monkeyp
 def test_missing_dataset_is_one_line_error(smoke_overrides, tmp_path):
     with pytest.raises(DataError, match="dataset folder not found"):
         _run(smoke_overrides + [f"dataset.root={tmp_path / 'nowhere'}"], tmp_path / "run")
+
+
+def test_visualize_writes_pictures_and_self_contained_report(smoke_overrides, tmp_path):
+    _run(smoke_overrides + ["pyramid.level=1", "eval.visualize=true", "eval.visualize_max_queries=2"], tmp_path / "run")
+    assert len(list((tmp_path / "run" / "pictures").glob("*.jpg"))) == 2
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "data:image/jpeg;base64," in html and "http://" not in html and "https://" not in html
