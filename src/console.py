@@ -24,10 +24,12 @@ def is_user_error(err: BaseException) -> bool:
     from .cache import CacheError
     from .data import DataError
     from .index import IndexConfigError
+    from .mini_ilias import MiniIliasError
     from .model import ModelConfigError
     from .pipeline import ConfigError
 
-    return isinstance(err, (AssetError, CacheError, DataError, IndexConfigError, ModelConfigError, ConfigError))
+    return isinstance(err, (AssetError, CacheError, DataError, IndexConfigError, MiniIliasError, ModelConfigError,
+                            ConfigError, FileNotFoundError))
 
 
 def metrics_table(rows: list[tuple[str, dict]]) -> str:
