@@ -49,7 +49,7 @@ def _translate(flag: str, value: str) -> str:
             raise FlagError(f"--pq expects False, pq or ivfpq, got {value!r}")
         return f"index={kind}"
     if flag == "compute_metrics":
-        names = [name.strip().lower() for name in value.split(",") if name.strip()]
+        names = [name.strip().lower().replace("-", "").replace("_", "") for name in value.split(",") if name.strip()]
         return f"eval.metrics=[{','.join(names)}]"
     if flag in FLAG_TO_OVERRIDE:
         return f"{FLAG_TO_OVERRIDE[flag]}={value}"

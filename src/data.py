@@ -21,6 +21,7 @@ A manifest pins a subset: delete entries to evaluate on fewer images.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -156,6 +157,8 @@ def read_box_file(path: Path, width: int, height: int) -> tuple[tuple[float, flo
             x, y, w, h = (float(p) for p in parts)
         except ValueError:
             raise DataError(f"{path}:{number}: expected 'x y w h', got {line.strip()!r}") from None
+        if not all(math.isfinite(v) for v in (x, y, w, h)):
+            raise DataError(f"{path}:{number}: box values must be finite numbers, got {line.strip()!r}")
         if w <= 0 or h <= 0:
             raise DataError(f"{path}:{number}: box size must be positive, got w={w:g} h={h:g}")
         if x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:
@@ -163,7 +166,10 @@ def read_box_file(path: Path, width: int, height: int) -> tuple[tuple[float, flo
                 f"{path}:{number}: box ({x:g}, {y:g}, {w:g}, {h:g}) lies outside the {width}x{height} image"
             )
         x0, y0 = max(x, 0.0), max(y, 0.0)
-        boxes.append((x0, y0, min(x + w, width) - x0, min(y + h, height) - y0))
+        clipped = (x0, y0, min(x + w, width) - x0, min(y + h, height) - y0)
+        if clipped[2] <= 0 or clipped[3] <= 0:
+            raise DataError(f"{path}:{number}: box ({x:g}, {y:g}, {w:g}, {h:g}) lies outside the {width}x{height} image")
+        boxes.append(clipped)
     if not boxes:
         raise DataError(f"{path}: box file has no 'x y w h' line")
     return tuple(boxes)

@@ -203,7 +203,7 @@ def extract_missing(stores: Sequence[FeatureStore], records: Sequence[ImageRecor
     stats.reused = len(records) - len(todo)
     if not todo:
         return stats
-    layers = [m.fingerprint["layer"] for m in models] if len(models) > 1 else None
+    layers = [m.fingerprint["layer"] for m in models]
     started = time.perf_counter()
     level, region = stores[0].level, stores[0].region
     loader = DataLoader(_CropDataset(todo, level, region, models[0].transform), batch_size=None,

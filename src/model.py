@@ -22,6 +22,7 @@ Descriptor = ``pool(block_output(layer))``, L2-normalised:
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from .assets import sha256_of
 from .weights import PACKAGED, checkpoint_sha256, packaged_checkpoint
 
 POOLS = ("cls", "mean", "gem", "head", "projection")
@@ -58,7 +60,8 @@ class Encoder(nn.Module):
             raise ModelConfigError("model.pool=cls needs a ViT with a class token; use mean, gem or head")
 
     def _block_outputs(self, images: torch.Tensor, layers: Sequence[int]) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
-        """Per layer: (prefix tokens (B, P, C) or None, patch tokens (B, N, C) or feature map (B, C, H, W))."""
+        """Per requested layer, in the order asked: (prefix tokens (B, P, C) or None,
+        patch tokens (B, N, C) or feature map (B, C, H, W))."""
         net = self.backbone
         if list(layers) == [-1]:
             features = net.forward_features(images)
@@ -66,14 +69,19 @@ class Encoder(nn.Module):
                 prefix = net.num_prefix_tokens
                 return [(features[:, :prefix], features[:, prefix:])]
             return [(None, features)]
+        if any(layer < 0 for layer in layers):
+            raise ModelConfigError(f"several layers in one pass must be block indices >= 0, got {list(layers)}")
+        unique = sorted(set(layers))  # timm returns the blocks in ascending order
         if self.is_vit:
             outputs = net.forward_intermediates(
-                images, indices=list(layers), norm=self.norm_intermediate, output_fmt="NLC",
+                images, indices=unique, norm=self.norm_intermediate, output_fmt="NLC",
                 intermediates_only=True, return_prefix_tokens=True)
-            return [(prefix, patches) for patches, prefix in outputs]
-        outputs = net.forward_intermediates(images, indices=list(layers), norm=self.norm_intermediate,
-                                            intermediates_only=True)
-        return [(None, feature_map) for feature_map in outputs]
+            by_layer = {layer: (prefix, patches) for layer, (patches, prefix) in zip(unique, outputs)}
+        else:
+            outputs = net.forward_intermediates(images, indices=unique, norm=self.norm_intermediate,
+                                                intermediates_only=True)
+            by_layer = {layer: (None, feature_map) for layer, feature_map in zip(unique, outputs)}
+        return [by_layer[layer] for layer in layers]
 
     def _pool(self, prefix: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
         if self.pool == "cls":
@@ -91,12 +99,12 @@ class Encoder(nn.Module):
         """Descriptors (B, D) of each of ``layers`` (default: the configured layer), from one pass."""
         net = self.backbone
         layers = [self.layer] if layers is None else list(layers)
-        if self.pool == "projection":
-            return [F.normalize(net(images).float(), dim=-1)]
-        if self.pool == "head":
+        if self.pool in ("head", "projection"):
+            if layers != [-1]:
+                raise ModelConfigError(f"model.pool={self.pool} uses the model's own head: layers must be [-1], got {layers}")
+            if self.pool == "projection":
+                return [F.normalize(net(images).float(), dim=-1)]
             return [F.normalize(net.forward_head(net.forward_features(images), pre_logits=True).float(), dim=-1)]
-        if len(layers) > 1 and -1 in layers:
-            raise ModelConfigError("several layers in one pass must be given as block indices, not -1")
         return [self._pool(prefix, tokens) for prefix, tokens in self._block_outputs(images, layers)]
 
 
@@ -131,7 +139,7 @@ def _weights_source(cfg: DictConfig) -> tuple[str | None, str]:
         path = Path(cfg.checkpoint)
         if not path.is_file():
             raise ModelConfigError(f"{path}: model.checkpoint file not found")
-        return str(path), f"file:{checkpoint_sha256(path)}"
+        return str(path), f"file:{sha256_of(path)}"
     if cfg.get("packaged"):
         if cfg.packaged not in PACKAGED:
             raise ModelConfigError(f"model.packaged={cfg.packaged!r} unknown; known: {sorted(PACKAGED)}")
@@ -167,10 +175,30 @@ def _create_backbone(cfg: DictConfig, checkpoint: str | None) -> nn.Module:
         raise ModelConfigError(f"cannot create timm model {name!r} (pretrained={pretrained}): {str(err).splitlines()[0]}") from None
 
 
+def check_checkpoint_covers(model: nn.Module, checkpoint: str) -> None:
+    """ModelConfigError unless the file holds every backbone weight (timm loads leniently
+    when the classifier is dropped, so foreign keys would silently leave random weights)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    missing = [k for k in model.state_dict() if k not in state and not (heads and k.startswith(heads))]
+    if missing:
+        raise ModelConfigError(f"{checkpoint}: checkpoint lacks {len(missing)} weights of {type(model).__name__} "
+                               f"(e.g. {missing[0]!r}); is it for another architecture?")
+
+
 def load_model(cfg: DictConfig, device: str = "auto", precision: str = "auto") -> LoadedModel:
     """Build the encoder, its eval transform and its cache fingerprint from ``cfg.model``."""
     checkpoint, weights_id = _weights_source(cfg)
     backbone = _create_backbone(cfg, checkpoint)
+    if checkpoint:
+        check_checkpoint_covers(backbone, checkpoint)
     data_config = timm.data.resolve_model_data_config(backbone)
     if cfg.image_size and cfg.image_size > 0:
         data_config["input_size"] = (3, int(cfg.image_size), int(cfg.image_size))
@@ -207,6 +235,8 @@ def encode(model: LoadedModel, batch: torch.Tensor, layers: Sequence[int] | None
 
 def with_layer(model: LoadedModel, layer: int) -> LoadedModel:
     """The same loaded encoder described at another block (fingerprint and width changed accordingly)."""
+    if model.encoder.pool in ("head", "projection") and layer != -1:
+        raise ModelConfigError(f"model.pool={model.encoder.pool} uses the model's own head and needs layer -1, got {layer}")
     size = model.input_size
     probe = torch.zeros(1, 3, size, size, device=model.device, dtype=torch.float16 if model.half else torch.float32)
     dim = int(model.encoder(probe, [layer])[0].shape[-1])

@@ -86,10 +86,6 @@ def test_compute_metrics_composes_to_a_list():
     assert list(cfg.eval.metrics) == ["map", "locscore"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="src/cli.py _translate: SPEC section 6 names the metric 'top-k' for "
-                          "--compute_metrics, but it is passed through as 'top-k', which "
-                          "src.metrics.evaluate rejects (it knows 'topk')")
 def test_compute_metrics_spec_spelling_top_k_is_a_known_metric():
     override = translate_argv(["--compute_metrics", "mAP, top-k, locscore"])[0]
     names = override.split("=", 1)[1].strip("[]").split(",")
@@ -165,10 +161,6 @@ def test_pq_settings_before_pq_kind_still_apply():
     assert cfg.index.kind == "ivfpq" and cfg.index.m == 64
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigCompositionException,
-                   reason="configs/index/flat.yaml (and pq.yaml) lack m/nlist/nprobe/nbits, so reference flags "
-                          "given with their SPEC defaults (--pq False --pq_m 16 ...) fail to compose: Hydra "
-                          "'Could not override index.m'")
 @pytest.mark.parametrize("kind", ["False", "pq"])
 def test_reference_defaults_compose_for_every_index_kind(kind):
     argv = ["--pq", kind, "--pq_m", "16", "--pq_nlist", "256", "--pq_nprobe", "256", "--pq_nbits", "8",

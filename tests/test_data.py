@@ -110,9 +110,6 @@ def test_box_file_without_any_box_is_an_error(tmp_path):
     _starts_with_path(err, path)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="src/data.py read_box_file: NaN coordinates pass every comparison "
-                          "and are returned as a NaN box instead of raising DataError")
 @pytest.mark.parametrize("line", ["nan 0 10 10", "0 0 nan 10"])
 def test_box_file_nan_values_are_an_error(tmp_path, line):
     try:
@@ -122,9 +119,6 @@ def test_box_file_nan_values_are_an_error(tmp_path, line):
     assert all(math.isfinite(v) for box in boxes for v in box), boxes
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="src/data.py read_box_file: a box lying wholly in the 1-px tolerance "
-                          "margin outside the image is clipped to a zero-area box and accepted")
 @pytest.mark.parametrize("line", ["100 10 1 10", "-1 10 1 10"])
 def test_box_file_box_wholly_outside_never_yields_an_empty_box(tmp_path, line):
     try:

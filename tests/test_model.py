@@ -148,10 +148,6 @@ def test_several_layers_in_one_pass_equal_single_passes(vit, images):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(via_encode, both))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="src/model.py Encoder._block_outputs: timm's forward_intermediates returns blocks in "
-                          "ascending order, so layers=[1, 0] yields [block 0, block 1]; extract_missing then "
-                          "writes each store the other block's descriptors")
 def test_layers_out_of_order_keep_the_requested_order(vit, images):
     single = {layer: vit.encoder(images, layers=[layer])[0] for layer in (0, 1)}
     out = vit.encoder(images, layers=[1, 0])
@@ -177,10 +173,6 @@ def test_with_layer_changes_only_the_fingerprints_layer(vit):
     assert other.data_config == vit.data_config and other.device == vit.device
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="src/model.py with_layer + src/extraction.py extract_missing: with ONE model from "
-                          "with_layer(base, b), extract_missing passes layers=None, so the encoder's own layer "
-                          "(base's, e.g. -1) is encoded and cached under a fingerprint that says block b")
 def test_single_with_layer_model_extracts_its_own_block(vit, tmp_path):
     (tmp_path / "images").mkdir()
     for i in range(2):
@@ -200,22 +192,17 @@ def test_single_with_layer_model_extracts_its_own_block(vit, tmp_path):
     assert np.allclose(vectors["single"], vectors["pair"], atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="src/model.py with_layer does not validate: a pool=head model (whose descriptor "
-                          "ignores the block) gets fingerprint layer=b, a setting Encoder/load_model reject "
-                          "with ModelConfigError")
 def test_with_layer_on_head_pool_is_an_error():
     head = load_model(_cfg(pool="head"), device="cpu")
     with pytest.raises(ModelConfigError):
         with_layer(head, 1)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="src/model.py Encoder.forward: pool=head/projection return ONE descriptor whatever "
-                          "`layers` asks for, so callers zipping outputs with layers get too few")
-def test_head_pool_returns_one_output_per_requested_layer(images):
+def test_head_pool_refuses_inner_layers(images):
     encoder = Encoder(_backbone(), -1, "head")
-    assert len(encoder(images, layers=[0, 1])) == 2
+    assert len(encoder(images, layers=[-1])) == 1
+    with pytest.raises(ModelConfigError, match="own head"):
+        encoder(images, layers=[0, 1])  # the head only describes the final block
 
 
 # ----------------------------------------------------------------------------- errors
@@ -316,10 +303,6 @@ def test_changed_checkpoint_changes_fingerprint(saved_vit, tmp_path):
     assert {k: v for k, v in first.items() if k != "weights"} == {k: v for k, v in second.items() if k != "weights"}
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="src/model.py _weights_source -> src/weights.py checkpoint_sha256 trusts an unverified "
-                          "'<file>.sha256' sidecar next to a user checkpoint, so a changed file keeps its old "
-                          "weights id and reuses stale caches")
 def test_user_checkpoint_weights_id_ignores_stale_sidecar(saved_vit):
     _, path = saved_vit
     path.with_name(path.name + ".sha256").write_text("0" * 64 + "\n")  # stale / foreign sidecar
@@ -327,10 +310,6 @@ def test_user_checkpoint_weights_id_ignores_stale_sidecar(saved_vit):
     assert fingerprint["weights"] == "file:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="src/model.py _create_backbone: a checkpoint none of whose keys match the model "
-                          "loads 'successfully' (timm load_pretrained uses strict=False when num_classes=0), "
-                          "leaving unseeded random weights under a file: id")
 def test_checkpoint_with_foreign_keys_is_an_error(saved_vit, tmp_path):
     model, _ = saved_vit
     path = tmp_path / "foreign.pth"
