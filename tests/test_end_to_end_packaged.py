@@ -10,8 +10,8 @@ from conftest import compose_config
 
 from src.pipeline import run
 
-#: mAP points by which L3 must beat L0. Measured on this configuration (seed 0, 224 px,
-#: block 7... see docs/RESULTS.md): set well below the measured gap.
+#: mAP points by which L3 must beat L0. Measured on exactly this configuration (seed 0,
+#: 224 px, block 10): L3 47.39 vs L0 22.33 mAP, a 25-point gap; the margin is 40 % of it.
 MARGIN = 10.0
 
 
