@@ -259,6 +259,9 @@ def write_index(index: faiss.Index, path: Path) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (RuntimeError, OSError) as e:  # e.g. no space left on device
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise IndexConfigError(f"{path}: cannot write index ({reason}); nothing was replaced") from None
     finally:
         tmp.unlink(missing_ok=True)
 

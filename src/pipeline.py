@@ -222,6 +222,8 @@ def run_eval(cfg: DictConfig, report: RunReport) -> dict:
     k = int(cfg.eval.k)
     hits = search_images(index, queries.vectors, gallery.image, k, metric=str(cfg.index.metric))
     search_seconds = time.perf_counter() - started
+    logger.info(f"search: {len(queries.vectors):,} queries over {len(gallery.vectors):,} patches of "
+                f"{len(dataset.gallery):,} images (index + search) in {search_seconds:.2f} s")
     results = query_results(dataset, hits, gallery)
     metrics = evaluate(results, k=k, iou_thresholds=resolve_iou_thresholds(cfg.eval.iou_threshold),
                        metrics=tuple(m.lower() for m in cfg.eval.metrics))

@@ -324,3 +324,21 @@ def test_to_device_without_gpu_stays_on_cpu(data, warnings_log):
         pytest.skip("a GPU is present; the CPU fallback is not exercised")
     assert to_device(flat, use_gpu=True) is flat
     assert any("GPU" in m for m in warnings_log)
+
+
+def test_write_failure_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A full disk while writing an index: one-line error, the old file intact, no temp file."""
+    path = tmp_path / "flat.faiss"
+    index = create_index(IndexSpec("flat"), 8)
+    write_index(index, path)
+    before = path.read_bytes()
+
+    def full_disk(idx, name):
+        Path(name).write_bytes(b"partial")
+        raise RuntimeError("Error in faiss::FileIOWriter: write error: No space left on device")
+
+    monkeypatch.setattr(faiss, "write_index", full_disk)
+    with pytest.raises(IndexConfigError, match="cannot write index.*No space left"):
+        write_index(index, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flat.faiss"]
