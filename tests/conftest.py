@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from loguru import logger
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -33,3 +34,12 @@ def smoke_overrides(tmp_path, ilias_fixture) -> list[str]:
     return ["experiment=smoke", f"dataset.root={ilias_fixture}", "dataset.generate=null", "dataset.name=fixture",
             f"paths.features={tmp_path / 'features'}", f"paths.indices={tmp_path / 'indices'}",
             f"paths.logs={tmp_path / 'logs'}"]
+
+
+@pytest.fixture
+def warnings_log() -> list[str]:
+    """Messages logged through loguru at WARNING or above while the test runs."""
+    messages: list[str] = []
+    sink = logger.add(lambda m: messages.append(m.record["message"]), level="WARNING")
+    yield messages
+    logger.remove(sink)

@@ -8,7 +8,6 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-from loguru import logger
 
 from src.index import (
     IndexConfigError,
@@ -74,14 +73,6 @@ def data():
 def ivfpq(data):
     x = data[0]
     return build(IndexSpec("ivfpq", m=16, nlist=64, nbits=8, nprobe=64), x)
-
-
-@pytest.fixture
-def warnings_log():
-    messages: list[str] = []
-    sink = logger.add(lambda m: messages.append(m.record["message"]), level="WARNING")
-    yield messages
-    logger.remove(sink)
 
 
 # --- specs and validation -------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import pytest
-from loguru import logger
 
 import src.search as search_mod
 from src.index import IndexConfigError
@@ -44,14 +43,6 @@ GALLERY = [
     (0, 0.2), (3, 0.4), (1, 0.95), (0, 0.9), (2, 0.3),
     (3, 0.85), (0, 0.5), (1, 0.1), (3, 0.86),
 ]  # best per image: 1 -> 0.95 (row 2), 0 -> 0.9 (row 3), 3 -> 0.86 (row 8), 2 -> 0.3 (row 4)
-
-
-@pytest.fixture
-def warnings_log():
-    messages: list[str] = []
-    sink = logger.add(lambda m: messages.append(m.record["message"]), level="WARNING")
-    yield messages
-    logger.remove(sink)
 
 
 def test_max_aggregation_and_winning_patch():
