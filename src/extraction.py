@@ -34,7 +34,7 @@ from tqdm import tqdm
 from .cache import CacheError, atomic_write_text, content_key, load_arrays, save_arrays, sweep_temporaries
 from .data import DataError, ImageRecord, load_image
 from .model import LoadedModel, encode
-from .pyramid import level_boxes
+from .pyramid import grid_edges, level_boxes
 
 STORE_FORMAT = 1
 
@@ -254,6 +254,110 @@ def extract_missing(stores: Sequence[FeatureStore], records: Sequence[ImageRecor
     logger.info(f"{desc}: extracted {len(todo):,} images ({patches_done:,} patches) in {stats.seconds:.1f} s "
                 f"({len(todo) / max(stats.seconds, 1e-9):.1f} img/s), reused {stats.reused:,} from "
                 f"{', '.join(store.folder.name for store in stores)}")
+    return stats
+
+
+# ----------------------------------------------------------------------------- pool-mode extraction
+
+def token_cells(rows: int, cols: int, levels: Sequence[int]) -> dict[int, list[tuple[int, int, int, int]]]:
+    """Per level, its grid cells in token units (row0, row1, col0, col1), row-major like ``level_boxes``."""
+    cells = {}
+    for level in levels:
+        r, c = grid_edges(rows, level + 1), grid_edges(cols, level + 1)
+        cells[level] = [(int(r[i]), int(r[i + 1]), int(c[j]), int(c[j + 1]))
+                        for i in range(level + 1) for j in range(level + 1)]
+    return cells
+
+
+class _WholeImageDataset(TorchDataset):
+    """Image i -> (whole image preprocessed (3, S, S), (width, height), error message)."""
+
+    def __init__(self, records: Sequence[ImageRecord], transform):
+        self.records, self.transform = records, transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        try:
+            image = load_image(self.records[index].path)
+        except DataError as err:
+            return None, (0, 0), str(err)
+        return self.transform(image), image.size, ""
+
+
+def extract_pooled(stores: dict[int, FeatureStore], records: Sequence[ImageRecord], model: LoadedModel, *,
+                   split_block: int, batch_size: int, num_workers: int, chunk_size: int,
+                   desc: str = "extract") -> ExtractStats:
+    """Pool mode: every level's cells of an image from ONE encoder pass (``Encoder.describe_cells``).
+
+    The whole image is squashed to the model's input size; a level-l cell is
+    the (l+1)x(l+1) grid cell of the token grid, and its box is that cell
+    scaled back to the original pixels. ``batch_size`` counts whole images.
+    """
+    stats = ExtractStats(desc=desc, failed=[])
+    missing = {r.id for store in stores.values() for r in store.missing(records)}
+    todo = [r for r in records if r.id in missing]
+    stats.reused = len(records) - len(todo)
+    if not todo:
+        return stats
+    started = time.perf_counter()
+    rows, cols = model.encoder.backbone.patch_embed.grid_size
+    levels = sorted(stores)
+    cells_by_level = token_cells(rows, cols, levels)
+    cells = [cell for level in levels for cell in cells_by_level[level]]
+    loader = DataLoader(_WholeImageDataset(todo, model.transform), batch_size=None, shuffle=False,
+                        num_workers=num_workers, prefetch_factor=4 if num_workers else None)
+    pending: list[tuple[ImageRecord, tuple[int, int], str]] = []
+    images: list[torch.Tensor] = []
+    described: list[torch.Tensor] = []
+
+    def encode_images() -> None:
+        if images:
+            batch = torch.stack(images).to(model.device)
+            described.append(model.encoder.describe_cells(batch.half() if model.half else batch, cells,
+                                                          split_block).float().cpu())
+            images.clear()
+
+    def write_chunk() -> None:
+        encode_images()
+        vectors = torch.cat(described).numpy() if described else np.zeros((0, len(cells), model.dim), np.float32)
+        ok = [p for p in pending if not p[2]]
+        start = 0
+        for level in levels:
+            count = len(cells_by_level[level])
+            cell_boxes = np.asarray(cells_by_level[level], np.float32)  # r0, r1, c0, c1
+            boxes = [np.stack([cell_boxes[:, 2] * w / cols, cell_boxes[:, 0] * h / rows,
+                               (cell_boxes[:, 3] - cell_boxes[:, 2]) * w / cols,
+                               (cell_boxes[:, 1] - cell_boxes[:, 0]) * h / rows], axis=1)
+                     for _, (w, h), _ in ok]
+            stores[level].write_chunk(
+                ids=[p[0].id for p in pending], signatures=[p[0].file_signature() for p in pending],
+                counts=[0 if p[2] else count for p in pending], vectors=vectors[:, start:start + count],
+                boxes=np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
+                errors=[p[2] for p in pending], dim=model.dim)
+            start += count
+        pending.clear()
+        described.clear()
+
+    for record, (image, size, error) in tqdm(zip(todo, loader), total=len(todo), desc=desc, unit="img",
+                                             dynamic_ncols=True, leave=False):
+        if error:
+            logger.warning(f"skipped {error}")
+            stats.failed.append(error)
+        else:
+            images.append(image)
+            if len(images) >= batch_size:
+                encode_images()
+        pending.append((record, size, error))
+        if len(pending) >= chunk_size:
+            write_chunk()
+    if pending:
+        write_chunk()
+    stats.extracted = len(todo)
+    stats.seconds = time.perf_counter() - started
+    logger.info(f"{desc}: pooled {len(todo):,} images into {len(cells)} cells each (levels {levels}) in "
+                f"{stats.seconds:.1f} s ({len(todo) / max(stats.seconds, 1e-9):.1f} img/s), reused {stats.reused:,}")
     return stats
 
 

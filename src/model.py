@@ -95,6 +95,49 @@ class Encoder(nn.Module):
         return F.normalize(pooled, dim=-1)
 
     @torch.inference_mode()
+    def describe_cells(self, images: torch.Tensor, cells: Sequence[tuple[int, int, int, int]],
+                       split_block: int) -> torch.Tensor:
+        """Descriptors (B, n_cells, D) of token-grid cells from one shared pass (ViTs; pool mode).
+
+        Blocks ``[0, split_block)`` run once on the whole image. Each cell
+        ``(row0, row1, col0, col1)`` (token units, end excluded) then runs the
+        remaining blocks up to the configured layer on the prefix tokens
+        (class token...) plus its own tokens only, so its class token attends
+        to that cell alone, as if the cell had been cropped, but on shared
+        early features. The whole grid as one cell is exactly a normal forward.
+        """
+        net = self.backbone
+        if not self.is_vit or self.pool in ("head", "projection"):
+            raise ModelConfigError("pyramid.mode=pool needs a ViT backbone with pool cls, mean or gem")
+        last = len(net.blocks) - 1 if self.layer == -1 else self.layer
+        if not 0 <= split_block <= last + 1:
+            raise ModelConfigError(f"pyramid.pool_split_block must be in 0..{last + 1}, got {split_block}")
+        x = net.norm_pre(net.patch_drop(net._pos_embed(net.patch_embed(images))))
+        for block in net.blocks[:split_block]:
+            x = block(x)
+        batch, _, width = x.shape
+        rows, cols = net.patch_embed.grid_size
+        prefix_count = net.num_prefix_tokens
+        prefix, grid = x[:, :prefix_count], x[:, prefix_count:].reshape(batch, rows, cols, width)
+        apply_norm = self.norm_intermediate or self.layer == -1
+        out = torch.empty(batch, len(cells), width, device=x.device, dtype=torch.float32)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for position, (r0, r1, c0, c1) in enumerate(cells):
+            groups.setdefault((r1 - r0, c1 - c0), []).append(position)
+        for (height, span), positions in groups.items():
+            tokens = torch.stack([grid[:, cells[p][0]:cells[p][1], cells[p][2]:cells[p][3]].reshape(batch, height * span, width)
+                                  for p in positions], dim=1)
+            heads = prefix.unsqueeze(1).expand(batch, len(positions), prefix_count, width)
+            sequence = torch.cat([heads, tokens], dim=2).reshape(batch * len(positions), -1, width)
+            for block in net.blocks[split_block:last + 1]:
+                sequence = block(sequence)
+            if apply_norm:
+                sequence = net.norm(sequence)
+            pooled = self._pool(sequence[:, :prefix_count], sequence[:, prefix_count:])
+            out[:, positions] = pooled.reshape(batch, len(positions), -1)
+        return out
+
+    @torch.inference_mode()
     def forward(self, images: torch.Tensor, layers: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Descriptors (B, D) of each of ``layers`` (default: the configured layer), from one pass."""
         net = self.backbone

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 from loguru import logger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import index as faiss_index
 from .cache import CacheError, content_key, list_key, load_arrays, save_arrays
 from .data import (IMAGE_EXTENSIONS, Dataset, DataError, ImageRecord, read_folder, read_ilias_layout, read_manifest,
                    write_manifest)
-from .extraction import ExtractStats, FeatureStore, PatchFeatures, describe_images, extract_missing
+from .extraction import (ExtractStats, FeatureStore, PatchFeatures, describe_images, extract_missing,
+                         extract_pooled)
 from .metrics import QueryResult, evaluate, resolve_iou_thresholds
 from .model import LoadedModel, load_model
 from .pyramid import MAX_LEVEL, levels_for
@@ -75,30 +76,42 @@ class FeatureSource:
     cfg: DictConfig  # the whole config
     stats: list[ExtractStats]
 
-    def store(self, level: int, region: str = "full") -> FeatureStore:
-        store = FeatureStore(Path(self.cfg.paths.features), self.model_name, self.model.fingerprint, level,
-                             self.cfg.pyramid.mode, region)
+    def store(self, level: int, region: str = "full", mode: str = "crop") -> FeatureStore:
+        store = FeatureStore(Path(self.cfg.paths.features), self.model_name, self.model.fingerprint, level, mode, region)
         store.open()
         return store
 
     def features(self, records: list[ImageRecord], levels: list[int], region: str = "full",
-                 desc: str = "gallery") -> PatchFeatures:
-        parts = []
-        for level in levels:
-            store = self.store(level, region)
-            ex = self.cfg.extract
-            self.stats.append(extract_missing([store], records, [self.model], batch_size=ex.batch_size,
-                                              num_workers=ex.num_workers, chunk_size=ex.chunk_size,
-                                              desc=f"{desc} L{level}"))
-            part, _ = store.gather(records, expected_dim=self.model.dim)
-            parts.append(part)
-        return PatchFeatures.concat(parts)
+                 desc: str = "gallery", pooled: bool | None = None) -> PatchFeatures:
+        """Patch features of ``records`` at ``levels`` (extracted if missing), all levels concatenated.
+
+        ``pooled`` (default: pool mode) describes every level from one pass per
+        image; queries pass ``pooled=False``: their level 0 is a plain forward pass.
+        """
+        ex = self.cfg.extract
+        if self.cfg.pyramid.mode == "pool" if pooled is None else pooled:
+            split = int(self.cfg.pyramid.pool_split_block)
+            stores = {level: self.store(level, region, mode=f"pool-b{split}") for level in levels}
+            self.stats.append(extract_pooled(stores, records, self.model, split_block=split,
+                                             batch_size=ex.batch_size, num_workers=ex.num_workers,
+                                             chunk_size=ex.chunk_size, desc=f"{desc} L{'-'.join(map(str, levels))}"))
+        else:
+            stores = {level: self.store(level, region) for level in levels}
+            for level, store in stores.items():
+                self.stats.append(extract_missing([store], records, [self.model], batch_size=ex.batch_size,
+                                                  num_workers=ex.num_workers, chunk_size=ex.chunk_size,
+                                                  desc=f"{desc} L{level}"))
+        return PatchFeatures.concat([stores[level].gather(records, expected_dim=self.model.dim)[0] for level in levels])
 
 
 def make_feature_source(cfg: DictConfig) -> FeatureSource:
-    if cfg.pyramid.mode != "crop":
-        raise ConfigError(f"pyramid.mode={cfg.pyramid.mode!r} is not available yet; use pyramid.mode=crop")
-    model = load_model(cfg.model, device=cfg.extract.device, precision=cfg.extract.precision)
+    """The model of ``cfg.model`` (at ``pyramid.pool_image_size`` in pool mode) and its caches."""
+    model_cfg = cfg.model
+    if cfg.pyramid.mode == "pool":
+        model_cfg = OmegaConf.merge(cfg.model, {"image_size": int(cfg.pyramid.pool_image_size)})
+    elif cfg.pyramid.mode != "crop":
+        raise ConfigError(f"pyramid.mode must be crop or pool, got {cfg.pyramid.mode!r}")
+    model = load_model(model_cfg, device=cfg.extract.device, precision=cfg.extract.precision)
     logger.info(f"model {cfg.model.name}: {cfg.model.timm_name} ({model.fingerprint['weights']}), "
                 f"input {model.input_size}px, layer {cfg.model.layer}, pool {cfg.model.pool}, dim {model.dim}, "
                 f"{model.device}{' fp16' if model.half else ''}")
@@ -210,7 +223,7 @@ def run_eval(cfg: DictConfig, report: RunReport) -> dict:
     dataset = load_dataset(cfg.dataset)
     levels = levels_for(int(cfg.pyramid.level), cfg.pyramid.multi_scale)
     source = make_feature_source(cfg)
-    queries = source.features(dataset.queries, [0], region=_query_region(cfg), desc="queries")
+    queries = source.features(dataset.queries, [0], region=_query_region(cfg), desc="queries", pooled=False)
     if len(np.unique(queries.image)) != len(dataset.queries):
         readable = set(queries.image.tolist())
         dropped = [q.id for i, q in enumerate(dataset.queries) if i not in readable]
@@ -249,7 +262,7 @@ def run_extract(cfg: DictConfig, report: RunReport) -> dict:
     levels = levels_for(int(cfg.pyramid.level), cfg.pyramid.multi_scale)
     source = make_feature_source(cfg)
     if dataset.queries:
-        source.features(dataset.queries, [0], region=_query_region(cfg), desc="queries")
+        source.features(dataset.queries, [0], region=_query_region(cfg), desc="queries", pooled=False)
     source.features(dataset.gallery, levels, desc="gallery")
     summary = {"extracted": sum(s.extracted for s in source.stats), "reused": sum(s.reused for s in source.stats),
                "failed": sorted({e for s in source.stats for e in (s.failed or [])}),

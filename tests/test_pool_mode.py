@@ -1,0 +1,63 @@
+"""Pool mode: every pyramid cell of an image from one shared encoder pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_config
+
+from src.extraction import token_cells
+from src.model import ModelConfigError, load_model
+from src.pipeline import run
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    return load_model(compose_config(["model=test_vit", "model.layer=-1"]).model, device="cpu")
+
+
+def test_token_cells_tile_the_grid():
+    cells = token_cells(10, 10, [0, 1, 2, 3])
+    for level, level_cells in cells.items():
+        cover = np.zeros((10, 10), int)
+        for r0, r1, c0, c1 in level_cells:
+            cover[r0:r1, c0:c1] += 1
+        assert len(level_cells) == (level + 1) ** 2 and (cover == 1).all()
+
+
+@pytest.mark.parametrize("split", [0, 1, 2])
+def test_whole_grid_cell_is_a_normal_forward(model, split):
+    images = torch.randn(2, 3, 160, 160)
+    rows, cols = model.encoder.backbone.patch_embed.grid_size
+    pooled = model.encoder.describe_cells(images, [(0, rows, 0, cols)], split_block=split)
+    assert torch.allclose(pooled[:, 0], model.encoder(images)[0], atol=1e-5)
+
+
+def test_cells_see_only_their_tokens_after_the_split(model):
+    """With every block shared (split = depth), all cells get the same class token; with
+    fewer shared blocks, cells differ: the per-cell blocks are what localises."""
+    images = torch.randn(1, 3, 160, 160)
+    cells = token_cells(10, 10, [1])[1]
+    depth = len(model.encoder.backbone.blocks)
+    shared = model.encoder.describe_cells(images, cells, split_block=depth)
+    assert torch.allclose(shared[0, 0], shared[0, 3], atol=1e-6)
+    local = model.encoder.describe_cells(images, cells, split_block=1)
+    assert not torch.allclose(local[0, 0], local[0, 3], atol=1e-3)
+
+
+def test_split_block_out_of_range_is_an_error(model):
+    with pytest.raises(ModelConfigError, match="pool_split_block"):
+        model.encoder.describe_cells(torch.randn(1, 3, 160, 160), [(0, 10, 0, 10)], split_block=99)
+
+
+def test_pool_mode_end_to_end(smoke_overrides, tmp_path):
+    overrides = smoke_overrides + ["pyramid.mode=pool", "pyramid.pool_image_size=160", "pyramid.pool_split_block=1"]
+    metrics = run(compose_config(overrides), tmp_path / "run")
+    assert metrics["counts"]["gallery_patches"] == 16 * 30
+    assert 0 <= metrics["LocScore@0.4"] <= metrics["mAP"] <= 100
+    again = run(compose_config(overrides), tmp_path / "again")
+    assert again["counts"]["extracted_images"] == 0 and again["mAP"] == pytest.approx(metrics["mAP"])
+    crop = run(compose_config(smoke_overrides), tmp_path / "crop")
+    assert crop["counts"]["extracted_images"] > 0  # pool and crop never share a cache
