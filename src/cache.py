@@ -77,11 +77,11 @@ def save_arrays(path: Path, **arrays: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_arrays(path: Path) -> dict[str, np.ndarray]:
-    """Load an .npz written by ``save_arrays``; CacheError if truncated or corrupt."""
+def load_arrays(path: Path, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """Load (some of) the arrays of an .npz written by ``save_arrays``; CacheError if truncated or corrupt."""
     try:
         with np.load(path, allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
+            return {name: archive[name] for name in (archive.files if names is None else names)}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
         raise CacheError(f"{path}: corrupt or truncated cache file ({type(err).__name__})") from None
 

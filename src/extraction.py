@@ -104,7 +104,7 @@ class FeatureStore:
             self._entries = {}
             for path in self.chunk_paths():
                 try:
-                    ids = load_arrays(path)
+                    ids = load_arrays(path, ("ids", "signatures"))  # not the vectors
                 except CacheError as err:
                     logger.warning(f"{err}; moved aside, its images will be extracted again")
                     path.rename(path.with_suffix(".corrupt"))
