@@ -203,17 +203,25 @@ def _create_backbone(cfg: DictConfig, checkpoint: str | None) -> nn.Module:
     pretrained = bool(checkpoint) or bool(cfg.get("pretrained", True))
     if cfg.image_size and cfg.image_size > 0:
         kwargs["img_size"] = int(cfg.image_size)
-    if not pretrained:
-        torch.manual_seed(0)  # random weights (tests) must be the same in every process: they key caches
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        return _timm_create(name, pretrained, kwargs)
     except TypeError as err:
         if "img_size" not in str(err):
             raise
         kwargs.pop("img_size")  # CNNs take any input size; the data config sets it
-        if not pretrained:
-            torch.manual_seed(0)
+        return _timm_create(name, pretrained, kwargs)
+
+
+def _timm_create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    """``timm.create_model`` with hub and architecture failures turned into one-line errors."""
+    if not pretrained:
+        torch.manual_seed(0)  # random weights (tests) must be the same in every process: they key caches
+    try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except OSError as err:  # hub unreachable and not in the local Hugging Face cache
+        raise ModelConfigError(
+            f"cannot fetch pretrained weights of timm model {name!r} ({type(err).__name__}); without network, "
+            f"set model.checkpoint=FILE or fill the Hugging Face cache and set HF_HUB_OFFLINE=1") from None
     except RuntimeError as err:
         raise ModelConfigError(f"cannot create timm model {name!r} (pretrained={pretrained}): {str(err).splitlines()[0]}") from None
 

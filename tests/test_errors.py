@@ -51,3 +51,16 @@ def test_search_index_of_another_model_is_refused(tmp_path, ilias_fixture):
     with pytest.raises(Exception, match="run task=index first"):
         run(compose_config(base + ["task=search", f"query.path={next(folder.glob('*.jpg'))}", "model.layer=0"]),
             tmp_path / "b")
+
+
+def test_unreachable_hub_is_one_line_error(monkeypatch):
+    import timm
+
+    from src.model import ModelConfigError, load_model
+
+    def offline(*args, **kwargs):
+        raise FileNotFoundError("An error happened while trying to locate the file on the Hub")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(ModelConfigError, match="model.checkpoint=FILE.*HF_HUB_OFFLINE"):
+        load_model(compose_config(["model=siglip"]).model, device="cpu")
