@@ -248,7 +248,7 @@ def run_eval(cfg: DictConfig, report: RunReport) -> dict:
                          "extracted_images": sum(s.extracted for s in source.stats),
                          "reused_images": sum(s.reused for s in source.stats),
                          "skipped_images": sorted({e for s in source.stats for e in (s.failed or [])})}
-    report.write_results(dataset, hits, gallery, results, metrics)
+    report.write_results(results, hits, metrics)
     if cfg.eval.visualize:
         report.write_visuals(dataset, results, hits, metrics, top=int(cfg.eval.visualize_top),
                              max_queries=int(cfg.eval.visualize_max_queries))

@@ -69,10 +69,10 @@ class RunReport:
         atomic_write_text(path, json.dumps(content, indent=1))
         return path
 
-    def write_results(self, dataset, hits, patches, results, metrics: dict) -> None:
+    def write_results(self, results, hits, metrics: dict) -> None:
         """metrics.json, results.jsonl and the ILIAS similarity file."""
-        per_query = metrics.pop("per_query", [])
-        self.write_json("metrics.json", metrics)
+        per_query = metrics.get("per_query", [])
+        self.write_json("metrics.json", {k: v for k, v in metrics.items() if k != "per_query"})
         lines, similarity = [], {}
         for row, result in enumerate(results):
             valid = hits.images[row] >= 0
@@ -85,7 +85,6 @@ class RunReport:
             similarity[result.query_id] = dict(zip(result.ranked_ids, scores.tolist()))
         atomic_write_text(self.dir / "results.jsonl", "\n".join(lines) + "\n")
         atomic_write_text(self.dir / "similarity.json", json.dumps(similarity))
-        metrics["per_query"] = per_query
 
     def write_visuals(self, dataset, results, hits, metrics: dict, top: int, max_queries: int) -> None:
         """Per-query pictures and the HTML report for the first ``max_queries`` queries."""
