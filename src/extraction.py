@@ -22,7 +22,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -190,6 +190,34 @@ class _CropDataset(TorchDataset):
         return torch.stack(crops), boxes, ""
 
 
+def _todo(stores: Sequence[FeatureStore], records: Sequence[ImageRecord], stats: ExtractStats) -> list[ImageRecord]:
+    """Records that at least one store lacks (in record order); counts the others as reused."""
+    missing = {r.id for store in stores for r in store.missing(records)}
+    todo = [r for r in records if r.id in missing]
+    stats.reused = len(records) - len(todo)
+    return todo
+
+
+def _feed_chunks(todo: Sequence[ImageRecord], loader: DataLoader, *, desc: str, chunk_size: int,
+                 stats: ExtractStats, take: Callable, write: Callable) -> None:
+    """Give each decoded image to ``take``; every ``chunk_size`` images (and at the end) call
+    ``write(pending)`` with the chunk's ``(record, meta, error)`` triples."""
+    pending: list[tuple[ImageRecord, Any, str]] = []
+    for record, (payload, meta, error) in tqdm(zip(todo, loader), total=len(todo), desc=desc, unit="img",
+                                               dynamic_ncols=True, leave=False):
+        if error:
+            logger.warning(f"skipped {error}")
+            stats.failed.append(error)
+        else:
+            take(payload)
+        pending.append((record, meta, error))
+        if len(pending) >= chunk_size:
+            write(pending)
+            pending = []
+    if pending:
+        write(pending)
+
+
 def extract_missing(stores: Sequence[FeatureStore], records: Sequence[ImageRecord], models: Sequence[LoadedModel], *,
                     batch_size: int, num_workers: int, chunk_size: int, desc: str = "extract") -> ExtractStats:
     """Encode every record that any store lacks, writing one chunk per ``chunk_size`` images to each.
@@ -198,9 +226,7 @@ def extract_missing(stores: Sequence[FeatureStore], records: Sequence[ImageRecor
     differ only by block (``model.with_layer``), so one encoder pass fills them all.
     """
     stats = ExtractStats(desc=desc, failed=[])
-    missing = {r.id for store in stores for r in store.missing(records)}
-    todo = [r for r in records if r.id in missing]
-    stats.reused = len(records) - len(todo)
+    todo = _todo(stores, records, stats)
     if not todo:
         return stats
     layers = [m.fingerprint["layer"] for m in models]
@@ -208,9 +234,8 @@ def extract_missing(stores: Sequence[FeatureStore], records: Sequence[ImageRecor
     level, region = stores[0].level, stores[0].region
     loader = DataLoader(_CropDataset(todo, level, region, models[0].transform), batch_size=None,
                         shuffle=False, num_workers=num_workers, prefetch_factor=4 if num_workers else None)
-    pending: list[tuple[ImageRecord, np.ndarray, str]] = []  # images of the current chunk
-    crops: list[torch.Tensor] = []                            # preprocessed patches not yet encoded
-    encoded: list[list[torch.Tensor]] = []                    # per batch: one (B, D) tensor per store
+    crops: list[torch.Tensor] = []          # preprocessed patches not yet encoded
+    encoded: list[list[torch.Tensor]] = []  # per batch: one (B, D) tensor per store
     patches_done = 0
 
     def encode_crops(everything: bool) -> None:
@@ -222,7 +247,12 @@ def extract_missing(stores: Sequence[FeatureStore], records: Sequence[ImageRecor
             encoded.append(encode(models[0], stacked[start:min(start + batch_size, full)], layers))
         crops = [stacked[full:]] if full < len(stacked) else []
 
-    def write_chunk() -> None:
+    def take(image_crops: torch.Tensor) -> None:
+        crops.append(image_crops)
+        if sum(len(c) for c in crops) >= batch_size:
+            encode_crops(everything=False)
+
+    def write(pending: list) -> None:
         nonlocal patches_done
         encode_crops(everything=True)
         for position, (store, model) in enumerate(zip(stores, models)):
@@ -232,23 +262,9 @@ def extract_missing(stores: Sequence[FeatureStore], records: Sequence[ImageRecor
                 counts=[len(p[1]) for p in pending], vectors=vectors,
                 boxes=np.concatenate([p[1] for p in pending]), errors=[p[2] for p in pending], dim=model.dim)
         patches_done += sum(len(p[1]) for p in pending)
-        pending.clear()
         encoded.clear()
 
-    for record, (image_crops, boxes, error) in tqdm(zip(todo, loader), total=len(todo), desc=desc, unit="img",
-                                                  dynamic_ncols=True, leave=False):
-        if error:
-            logger.warning(f"skipped {error}")
-            stats.failed.append(error)
-        else:
-            crops.append(image_crops)
-            if sum(len(c) for c in crops) >= batch_size:
-                encode_crops(everything=False)
-        pending.append((record, boxes, error))
-        if len(pending) >= chunk_size:
-            write_chunk()
-    if pending:
-        write_chunk()
+    _feed_chunks(todo, loader, desc=desc, chunk_size=chunk_size, stats=stats, take=take, write=write)
     stats.extracted = len(todo)
     stats.seconds = time.perf_counter() - started
     logger.info(f"{desc}: extracted {len(todo):,} images ({patches_done:,} patches) in {stats.seconds:.1f} s "
@@ -296,9 +312,7 @@ def extract_pooled(stores: dict[int, FeatureStore], records: Sequence[ImageRecor
     scaled back to the original pixels. ``batch_size`` counts whole images.
     """
     stats = ExtractStats(desc=desc, failed=[])
-    missing = {r.id for store in stores.values() for r in store.missing(records)}
-    todo = [r for r in records if r.id in missing]
-    stats.reused = len(records) - len(todo)
+    todo = _todo(list(stores.values()), records, stats)
     if not todo:
         return stats
     started = time.perf_counter()
@@ -308,7 +322,6 @@ def extract_pooled(stores: dict[int, FeatureStore], records: Sequence[ImageRecor
     cells = [cell for level in levels for cell in cells_by_level[level]]
     loader = DataLoader(_WholeImageDataset(todo, model.transform), batch_size=None, shuffle=False,
                         num_workers=num_workers, prefetch_factor=4 if num_workers else None)
-    pending: list[tuple[ImageRecord, tuple[int, int], str]] = []
     images: list[torch.Tensor] = []
     described: list[torch.Tensor] = []
 
@@ -319,41 +332,30 @@ def extract_pooled(stores: dict[int, FeatureStore], records: Sequence[ImageRecor
                                                           split_block).float().cpu())
             images.clear()
 
-    def write_chunk() -> None:
+    def take(image: torch.Tensor) -> None:
+        images.append(image)
+        if len(images) >= batch_size:
+            encode_images()
+
+    def write(pending: list) -> None:
         encode_images()
         vectors = torch.cat(described).numpy() if described else np.zeros((0, len(cells), model.dim), np.float32)
-        ok = [p for p in pending if not p[2]]
+        sizes = [size for _, size, error in pending if not error]
         start = 0
         for level in levels:
             count = len(cells_by_level[level])
-            cell_boxes = np.asarray(cells_by_level[level], np.float32)  # r0, r1, c0, c1
-            boxes = [np.stack([cell_boxes[:, 2] * w / cols, cell_boxes[:, 0] * h / rows,
-                               (cell_boxes[:, 3] - cell_boxes[:, 2]) * w / cols,
-                               (cell_boxes[:, 1] - cell_boxes[:, 0]) * h / rows], axis=1)
-                     for _, (w, h), _ in ok]
+            cell = np.asarray(cells_by_level[level], np.float32)  # row0, row1, col0, col1
+            boxes = [np.stack([cell[:, 2] * w / cols, cell[:, 0] * h / rows, (cell[:, 3] - cell[:, 2]) * w / cols,
+                               (cell[:, 1] - cell[:, 0]) * h / rows], axis=1) for w, h in sizes]
             stores[level].write_chunk(
                 ids=[p[0].id for p in pending], signatures=[p[0].file_signature() for p in pending],
                 counts=[0 if p[2] else count for p in pending], vectors=vectors[:, start:start + count],
                 boxes=np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
                 errors=[p[2] for p in pending], dim=model.dim)
             start += count
-        pending.clear()
         described.clear()
 
-    for record, (image, size, error) in tqdm(zip(todo, loader), total=len(todo), desc=desc, unit="img",
-                                             dynamic_ncols=True, leave=False):
-        if error:
-            logger.warning(f"skipped {error}")
-            stats.failed.append(error)
-        else:
-            images.append(image)
-            if len(images) >= batch_size:
-                encode_images()
-        pending.append((record, size, error))
-        if len(pending) >= chunk_size:
-            write_chunk()
-    if pending:
-        write_chunk()
+    _feed_chunks(todo, loader, desc=desc, chunk_size=chunk_size, stats=stats, take=take, write=write)
     stats.extracted = len(todo)
     stats.seconds = time.perf_counter() - started
     logger.info(f"{desc}: pooled {len(todo):,} images into {len(cells)} cells each (levels {levels}) in "
