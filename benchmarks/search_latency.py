@@ -69,11 +69,11 @@ def main() -> None:
     build_s = time.perf_counter() - started
 
     queries = (dataset.queries * (args.queries // max(len(dataset.queries), 1) + 1))[:args.queries]
-    describe_images(queries[:1], source.model)  # warm-up
+    describe_images(queries[:1], source.query_model)  # warm-up
     encode_t, search_t, total_t = [], [], []
     for record in queries:
         t0 = time.perf_counter()
-        vector, _ = describe_images([record], source.model)
+        vector, _ = describe_images([record], source.query_model)
         t1 = time.perf_counter()
         search_images(index, vector, patch_image, args.k, metric=spec.metric)
         t2 = time.perf_counter()

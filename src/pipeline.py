@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -71,51 +72,67 @@ def load_dataset(cfg: DictConfig) -> Dataset:
 class FeatureSource:
     """Extracts (if needed) and gathers features of records for any level."""
 
-    model: LoadedModel
+    model: LoadedModel        # describes gallery patches
+    query_model: LoadedModel  # describes whole query images (the same model, except in pool mode)
     model_name: str
     cfg: DictConfig  # the whole config
     stats: list[ExtractStats]
 
-    def store(self, level: int, region: str = "full", mode: str = "crop") -> FeatureStore:
-        store = FeatureStore(Path(self.cfg.paths.features), self.model_name, self.model.fingerprint, level, mode, region)
+    def store(self, model: LoadedModel, level: int, region: str = "full", mode: str = "crop") -> FeatureStore:
+        store = FeatureStore(Path(self.cfg.paths.features), self.model_name, model.fingerprint, level, mode, region)
         store.open()
         return store
 
     def features(self, records: list[ImageRecord], levels: list[int], region: str = "full",
-                 desc: str = "gallery", pooled: bool | None = None) -> PatchFeatures:
+                 desc: str = "gallery") -> PatchFeatures:
         """Patch features of ``records`` at ``levels`` (extracted if missing), all levels concatenated.
 
-        ``pooled`` (default: pool mode) describes every level from one pass per
-        image; queries pass ``pooled=False``: their level 0 is a plain forward pass.
+        Pool mode describes every level from one pass per image.
         """
         ex = self.cfg.extract
-        if self.cfg.pyramid.mode == "pool" if pooled is None else pooled:
+        if self.cfg.pyramid.mode == "pool":
             split = int(self.cfg.pyramid.pool_split_block)
-            stores = {level: self.store(level, region, mode=f"pool-b{split}") for level in levels}
+            stores = {level: self.store(self.model, level, region, mode=f"pool-b{split}") for level in levels}
             self.stats.append(extract_pooled(stores, records, self.model, split_block=split,
                                              batch_size=ex.batch_size, num_workers=ex.num_workers,
                                              chunk_size=ex.chunk_size, desc=f"{desc} L{'-'.join(map(str, levels))}"))
         else:
-            stores = {level: self.store(level, region) for level in levels}
+            stores = {level: self.store(self.model, level, region) for level in levels}
             for level, store in stores.items():
                 self.stats.append(extract_missing([store], records, [self.model], batch_size=ex.batch_size,
                                                   num_workers=ex.num_workers, chunk_size=ex.chunk_size,
                                                   desc=f"{desc} L{level}"))
         return PatchFeatures.concat([stores[level].gather(records, expected_dim=self.model.dim)[0] for level in levels])
 
+    def queries(self, records: list[ImageRecord], region: str = "full") -> PatchFeatures:
+        """One global descriptor per query image (level 0: the whole image or its box), cached."""
+        ex = self.cfg.extract
+        store = self.store(self.query_model, 0, region)
+        self.stats.append(extract_missing([store], records, [self.query_model], batch_size=ex.batch_size,
+                                          num_workers=ex.num_workers, chunk_size=ex.chunk_size, desc="queries L0"))
+        return store.gather(records, expected_dim=self.query_model.dim)[0]
+
+
+def _sized(model_cfg: DictConfig, image_size: int) -> DictConfig:
+    return OmegaConf.merge(model_cfg, {"image_size": int(image_size)})
+
 
 def make_feature_source(cfg: DictConfig) -> FeatureSource:
-    """The model of ``cfg.model`` (at ``pyramid.pool_image_size`` in pool mode) and its caches."""
-    model_cfg = cfg.model
-    if cfg.pyramid.mode == "pool":
-        model_cfg = OmegaConf.merge(cfg.model, {"image_size": int(cfg.pyramid.pool_image_size)})
-    elif cfg.pyramid.mode != "crop":
+    """The model of ``cfg.model`` and its caches. In pool mode the gallery model runs at
+    ``pyramid.pool_image_size`` and queries at ``pyramid.pool_query_size`` (0: the same)."""
+    if cfg.pyramid.mode not in ("crop", "pool"):
         raise ConfigError(f"pyramid.mode must be crop or pool, got {cfg.pyramid.mode!r}")
-    model = load_model(model_cfg, device=cfg.extract.device, precision=cfg.extract.precision)
+    load = partial(load_model, device=cfg.extract.device, precision=cfg.extract.precision)
+    if cfg.pyramid.mode == "crop":
+        model = query_model = load(cfg.model)
+    else:
+        model = load(_sized(cfg.model, cfg.pyramid.pool_image_size))
+        query_size = int(cfg.pyramid.pool_query_size) or int(cfg.pyramid.pool_image_size)
+        query_model = model if query_size == model.input_size else load(_sized(cfg.model, query_size))
     logger.info(f"model {cfg.model.name}: {cfg.model.timm_name} ({model.fingerprint['weights']}), "
-                f"input {model.input_size}px, layer {cfg.model.layer}, pool {cfg.model.pool}, dim {model.dim}, "
-                f"{model.device}{' fp16' if model.half else ''}")
-    return FeatureSource(model, cfg.model.name, cfg, [])
+                f"input {model.input_size}px (queries {query_model.input_size}px), layer {cfg.model.layer}, "
+                f"pool {cfg.model.pool}, dim {model.dim}, {model.device}{' fp16' if model.half else ''}")
+    return FeatureSource(model, query_model, cfg.model.name, cfg, [])
 
 
 # ----------------------------------------------------------------------------- index
@@ -223,7 +240,7 @@ def run_eval(cfg: DictConfig, report: RunReport) -> dict:
     dataset = load_dataset(cfg.dataset)
     levels = levels_for(int(cfg.pyramid.level), cfg.pyramid.multi_scale)
     source = make_feature_source(cfg)
-    queries = source.features(dataset.queries, [0], region=_query_region(cfg), desc="queries", pooled=False)
+    queries = source.queries(dataset.queries, region=_query_region(cfg))
     if len(np.unique(queries.image)) != len(dataset.queries):
         readable = set(queries.image.tolist())
         dropped = [q.id for i, q in enumerate(dataset.queries) if i not in readable]
@@ -262,7 +279,7 @@ def run_extract(cfg: DictConfig, report: RunReport) -> dict:
     levels = levels_for(int(cfg.pyramid.level), cfg.pyramid.multi_scale)
     source = make_feature_source(cfg)
     if dataset.queries:
-        source.features(dataset.queries, [0], region=_query_region(cfg), desc="queries", pooled=False)
+        source.queries(dataset.queries, region=_query_region(cfg))
     source.features(dataset.gallery, levels, desc="gallery")
     summary = {"extracted": sum(s.extracted for s in source.stats), "reused": sum(s.reused for s in source.stats),
                "failed": sorted({e for s in source.stats for e in (s.failed or [])}),
@@ -339,7 +356,7 @@ def run_search(cfg: DictConfig, report: RunReport) -> dict:
     output = []
     for record in records:
         started = time.perf_counter()
-        vectors, errors = describe_images([record], source.model)
+        vectors, errors = describe_images([record], source.query_model)
         if errors:
             raise DataError(errors[0])
         hits = search_images(index, vectors, gallery["patch_image"], k, metric=str(cfg.index.metric))
