@@ -74,8 +74,10 @@ class ExtractStats:
 class FeatureStore:
     """Chunked, content-keyed feature cache of one (model, level, mode, region)."""
 
-    def __init__(self, root: Path, model_name: str, fingerprint: dict, level: int, mode: str, region: str):
+    def __init__(self, root: Path, model_name: str, fingerprint: dict, level: int, mode: str, region: str,
+                 writer: int = 0):
         self.fingerprint = {"format": STORE_FORMAT, "model": fingerprint, "level": level, "mode": mode, "region": region}
+        self.writer = writer  # shard index: concurrent shards write chunk files of their own
         suffix = "" if region == "full" else f".{region}"
         self.folder = Path(root) / f"{model_name}.{mode}.L{level}{suffix}-{content_key(self.fingerprint)}"
         self.level, self.mode, self.region = level, mode, region
@@ -96,7 +98,8 @@ class FeatureStore:
         sweep_temporaries(self.folder)
 
     def chunk_paths(self) -> list[Path]:
-        return sorted(self.folder.glob("chunk-*.npz"))
+        """Chunk files, oldest first (so a re-extracted image's newer entry wins)."""
+        return sorted(self.folder.glob("chunk-*.npz"), key=lambda p: (p.stat().st_mtime_ns, p.name))
 
     def entries(self) -> dict[str, tuple[str, Path, int]]:
         """id -> (signature, chunk file, position in chunk); later chunks win."""
@@ -119,11 +122,11 @@ class FeatureStore:
 
     def write_chunk(self, ids: list[str], signatures: list[str], counts: list[int], vectors: np.ndarray,
                     boxes: np.ndarray, errors: list[str], dim: int) -> None:
-        number = len(self.chunk_paths())
-        path = self.folder / f"chunk-{number:06d}.npz"
+        number = len(list(self.folder.glob(f"chunk-{self.writer:04d}-*")))
+        path = self.folder / f"chunk-{self.writer:04d}-{number:06d}.npz"
         while path.exists():
             number += 1
-            path = self.folder / f"chunk-{number:06d}.npz"
+            path = self.folder / f"chunk-{self.writer:04d}-{number:06d}.npz"
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         save_arrays(path, ids=np.asarray(ids, dtype=str), signatures=np.asarray(signatures, dtype=str),
                     offsets=offsets, vectors=vectors.reshape(-1, dim).astype(np.float32),

@@ -79,7 +79,8 @@ class FeatureSource:
     stats: list[ExtractStats]
 
     def store(self, model: LoadedModel, level: int, region: str = "full", mode: str = "crop") -> FeatureStore:
-        store = FeatureStore(Path(self.cfg.paths.features), self.model_name, model.fingerprint, level, mode, region)
+        store = FeatureStore(Path(self.cfg.paths.features), self.model_name, model.fingerprint, level, mode, region,
+                             writer=int(self.cfg.extract.shard))
         store.open()
         return store
 
@@ -273,14 +274,28 @@ def run_eval(cfg: DictConfig, report: RunReport) -> dict:
     return metrics
 
 
+def shard_of(records: list[ImageRecord], shard: int, num_shards: int) -> list[ImageRecord]:
+    """The ``shard``-th of ``num_shards`` contiguous, near-equal slices of ``records``."""
+    if not 0 <= shard < num_shards:
+        raise ConfigError(f"extract.shard must be in 0..{num_shards - 1}, got {shard}")
+    return records[len(records) * shard // num_shards:len(records) * (shard + 1) // num_shards]
+
+
 def run_extract(cfg: DictConfig, report: RunReport) -> dict:
-    """Only fill the feature caches (queries at L0 and gallery at every indexed level)."""
+    """Only fill the feature caches (queries at L0 and gallery at every indexed level).
+
+    With ``extract.num_shards=N``, this run takes slice ``extract.shard`` of the
+    queries and of the gallery; N such runs (a Hydra multirun, locally or as Slurm
+    jobs) fill the same caches with files of their own, and any later run reads them all.
+    """
     dataset = load_dataset(cfg.dataset)
     levels = levels_for(int(cfg.pyramid.level), cfg.pyramid.multi_scale)
     source = make_feature_source(cfg)
-    if dataset.queries:
-        source.queries(dataset.queries, region=_query_region(cfg))
-    source.features(dataset.gallery, levels, desc="gallery")
+    shard, shards = int(cfg.extract.shard), int(cfg.extract.num_shards)
+    queries, gallery = shard_of(dataset.queries, shard, shards), shard_of(dataset.gallery, shard, shards)
+    if queries:
+        source.queries(queries, region=_query_region(cfg))
+    source.features(gallery, levels, desc=f"gallery shard {shard}/{shards}" if shards > 1 else "gallery")
     summary = {"extracted": sum(s.extracted for s in source.stats), "reused": sum(s.reused for s in source.stats),
                "failed": sorted({e for s in source.stats for e in (s.failed or [])}),
                "seconds": round(sum(s.seconds for s in source.stats), 2)}
@@ -386,5 +401,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Run ``cfg.task`` and write its run folder."""
     if cfg.task not in TASKS:
         raise ConfigError(f"task must be one of {sorted(TASKS)}, got {cfg.task!r}")
+    if int(cfg.extract.num_shards) != 1 and cfg.task != "extract":
+        raise ConfigError(f"extract.num_shards={cfg.extract.num_shards} applies to task=extract only")
     report = RunReport(run_dir, cfg)
     return TASKS[cfg.task](cfg, report)
