@@ -59,7 +59,7 @@ import PIL
 from loguru import logger
 from PIL import Image, ImageFilter
 
-from src.assets import AssetError, debian_package, pip_package, sha256_of
+from .assets import AssetError, debian_package, pip_package, sha256_of
 
 GENERATOR_VERSION = "1"
 

@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 from loguru import logger
 
-from src.index import IndexConfigError, is_gpu_index, to_cpu
+from .index import IndexConfigError, is_gpu_index, to_cpu
 
 #: Largest k a GPU FAISS search accepts (``GPU_MAX_SELECTION_K``).
 GPU_MAX_K = 2048

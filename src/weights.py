@@ -64,7 +64,7 @@ import numpy as np
 import torch
 from loguru import logger
 
-from src.assets import AssetError, assets_root, pip_package, sha256_of
+from .assets import AssetError, assets_root, pip_package, sha256_of
 
 if TYPE_CHECKING:
     import onnx
