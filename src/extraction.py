@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -65,7 +65,7 @@ class ExtractStats:
     desc: str = ""
     extracted: int = 0
     reused: int = 0
-    failed: list[str] | None = None
+    failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -228,7 +228,7 @@ def extract_missing(stores: Sequence[FeatureStore], records: Sequence[ImageRecor
     ``models[i]`` describes ``stores[i]``; several pairs share one backbone and
     differ only by block (``model.with_layer``), so one encoder pass fills them all.
     """
-    stats = ExtractStats(desc=desc, failed=[])
+    stats = ExtractStats(desc=desc)
     todo = _todo(stores, records, stats)
     if not todo:
         return stats
@@ -314,7 +314,7 @@ def extract_pooled(stores: dict[int, FeatureStore], records: Sequence[ImageRecor
     the (l+1)x(l+1) grid cell of the token grid, and its box is that cell
     scaled back to the original pixels. ``batch_size`` counts whole images.
     """
-    stats = ExtractStats(desc=desc, failed=[])
+    stats = ExtractStats(desc=desc)
     todo = _todo(list(stores.values()), records, stats)
     if not todo:
         return stats

@@ -105,6 +105,12 @@ class FeatureSource:
                                                   desc=f"{desc} L{level}"))
         return PatchFeatures.concat([stores[level].gather(records, expected_dim=self.model.dim)[0] for level in levels])
 
+    def totals(self) -> dict:
+        """Images extracted and reused, unreadable images, and extraction seconds over all stages so far."""
+        return {"extracted": sum(s.extracted for s in self.stats), "reused": sum(s.reused for s in self.stats),
+                "failed": sorted({e for s in self.stats for e in s.failed}),
+                "seconds": round(sum(s.seconds for s in self.stats), 2)}
+
     def queries(self, records: list[ImageRecord], region: str = "full") -> PatchFeatures:
         """One global descriptor per query image (level 0: the whole image or its box), cached."""
         ex = self.cfg.extract
@@ -169,13 +175,13 @@ def build_index(cfg: DictConfig, source: FeatureSource, gallery: list[ImageRecor
     spec = index_spec(cfg.index)
     dim = patches.dim
     factory = spec.factory_string(dim)
-    gallery_key = list_key([f"{r.id}:{r.file_signature()}" for r in gallery])
     use_gpu = {"auto": faiss_index.gpu_available(), True: True, False: False}[cfg.index.use_gpu]
     if not spec.needs_training():
         index = faiss_index.create_index(spec, dim)
         faiss_index.add_vectors(index, patches.vectors, 0)
         return faiss_index.to_device(index, use_gpu)
     train_levels = training_levels(int(cfg.index.train_level), levels)
+    gallery_key = list_key([f"{r.id}:{r.file_signature()}" for r in gallery])
     train_fields = {"model": source.model.fingerprint, "mode": cfg.pyramid.mode, "factory": factory,
                     "metric": spec.metric, "train_levels": train_levels, "gallery": gallery_key,
                     "max_train": int(cfg.index.max_train_vectors), "seed": int(cfg.seed)}
@@ -258,14 +264,14 @@ def run_eval(cfg: DictConfig, report: RunReport) -> dict:
     results = query_results(dataset, hits, gallery)
     metrics = evaluate(results, k=k, iou_thresholds=resolve_iou_thresholds(cfg.eval.iou_threshold),
                        metrics=tuple(m.lower() for m in cfg.eval.metrics))
-    metrics["timing"] = {"extract_s": round(sum(s.seconds for s in source.stats), 2),
+    totals = source.totals()
+    metrics["timing"] = {"extract_s": totals["seconds"],
                          "extract_s_by_stage": {s.desc: round(s.seconds, 2) for s in source.stats if s.extracted},
                          "index_and_search_s": round(search_seconds, 2)}
     metrics["counts"] = {"queries": len(dataset.queries), "gallery_images": len(dataset.gallery),
                          "gallery_patches": int(len(gallery.vectors)), "levels": levels,
-                         "extracted_images": sum(s.extracted for s in source.stats),
-                         "reused_images": sum(s.reused for s in source.stats),
-                         "skipped_images": sorted({e for s in source.stats for e in (s.failed or [])})}
+                         "extracted_images": totals["extracted"], "reused_images": totals["reused"],
+                         "skipped_images": totals["failed"]}
     report.write_results(results, hits, metrics)
     if cfg.eval.visualize:
         report.write_visuals(dataset, results, hits, metrics, top=int(cfg.eval.visualize_top),
@@ -296,9 +302,7 @@ def run_extract(cfg: DictConfig, report: RunReport) -> dict:
     if queries:
         source.queries(queries, region=_query_region(cfg))
     source.features(gallery, levels, desc=f"gallery shard {shard}/{shards}" if shards > 1 else "gallery")
-    summary = {"extracted": sum(s.extracted for s in source.stats), "reused": sum(s.reused for s in source.stats),
-               "failed": sorted({e for s in source.stats for e in (s.failed or [])}),
-               "seconds": round(sum(s.seconds for s in source.stats), 2)}
+    summary = source.totals()
     report.write_json("extract.json", summary)
     return summary
 
@@ -326,10 +330,11 @@ def run_index(cfg: DictConfig, report: RunReport) -> dict:
     save_arrays(folder / "gallery.npz", ids=np.asarray([r.id for r in dataset.gallery], dtype=str),
                 paths=np.asarray([str(r.path) for r in dataset.gallery], dtype=str),
                 patch_image=patches.image, boxes=patches.boxes, levels=np.asarray(levels))
-    skipped = sorted({e for s in source.stats for e in (s.failed or [])} | set(dataset.skipped))
+    totals = source.totals()
+    skipped = sorted(set(totals["failed"]) | set(dataset.skipped))
     summary = {"bundle": str(folder), "images": len(dataset.gallery), "patches": int(len(patches.vectors)),
-               "extracted": sum(s.extracted for s in source.stats), "reused": sum(s.reused for s in source.stats),
-               "skipped": skipped, "extract_s": round(sum(s.seconds for s in source.stats), 2)}
+               "extracted": totals["extracted"], "reused": totals["reused"], "skipped": skipped,
+               "extract_s": totals["seconds"]}
     report.write_json("index.json", summary)
     for line in skipped:
         logger.warning(f"skipped {line}")
