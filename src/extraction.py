@@ -306,8 +306,8 @@ class _WholeImageDataset(TorchDataset):
 
 
 def extract_pooled(stores: dict[int, FeatureStore], records: Sequence[ImageRecord], model: LoadedModel, *,
-                   split_block: int, batch_size: int, num_workers: int, chunk_size: int,
-                   desc: str = "extract") -> ExtractStats:
+                   split_block: int, method: str = "split", batch_size: int, num_workers: int,
+                   chunk_size: int, desc: str = "extract") -> ExtractStats:
     """Pool mode: every level's cells of an image from ONE encoder pass (``Encoder.describe_cells``).
 
     The whole image is squashed to the model's input size; a level-l cell is
@@ -332,7 +332,7 @@ def extract_pooled(stores: dict[int, FeatureStore], records: Sequence[ImageRecor
         if images:
             batch = torch.stack(images).to(model.device)
             described.append(model.encoder.describe_cells(batch.half() if model.half else batch, cells,
-                                                          split_block).float().cpu())
+                                                          split_block, method)[0].float().cpu())
             images.clear()
 
     def take(image: torch.Tensor) -> None:

@@ -37,6 +37,7 @@ from .assets import sha256_of
 from .weights import PACKAGED, checkpoint_sha256, packaged_checkpoint
 
 POOLS = ("cls", "mean", "gem", "head", "projection")
+POOL_METHODS = ("split", "masked")
 
 
 class ModelConfigError(ValueError):
@@ -95,32 +96,54 @@ class Encoder(nn.Module):
         return F.normalize(pooled, dim=-1)
 
     @torch.inference_mode()
-    def describe_cells(self, images: torch.Tensor, cells: Sequence[tuple[int, int, int, int]],
-                       split_block: int) -> torch.Tensor:
-        """Descriptors (B, n_cells, D) of token-grid cells from one shared pass (ViTs; pool mode).
+    def describe_cells(self, images: torch.Tensor, cells: Sequence[tuple[int, int, int, int]], split_block: int,
+                       method: str = "split", layers: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Descriptors (B, n_cells, D) of token-grid cells from one shared pass, per layer (ViTs; pool mode).
 
         Blocks ``[0, split_block)`` run once on the whole image. Each cell
-        ``(row0, row1, col0, col1)`` (token units, end excluded) then runs the
-        remaining blocks up to the configured layer on the prefix tokens
-        (class token...) plus its own tokens only, so its class token attends
-        to that cell alone, as if the cell had been cropped, but on shared
-        early features. The whole grid as one cell is exactly a normal forward.
+        ``(row0, row1, col0, col1)`` (token units, end excluded) gets its own
+        copy of the class token, which from then on attends to that cell alone:
+
+        - ``split``: each cell runs the remaining blocks on its own tokens only,
+          as if it had been cropped (cost grows with the number of levels);
+        - ``masked``: the image's tokens run the remaining blocks once, as in a
+          normal forward, and the cells' class tokens ride along, each masked to
+          attend to itself and its cell's tokens (cost: one pass plus one token
+          per cell).
+
+        The whole grid as one cell is exactly a normal forward, in both methods.
         """
         net = self.backbone
         if not self.is_vit or self.pool in ("head", "projection"):
             raise ModelConfigError("pyramid.mode=pool needs a ViT backbone with pool cls, mean or gem")
-        last = len(net.blocks) - 1 if self.layer == -1 else self.layer
-        if not 0 <= split_block <= last + 1:
-            raise ModelConfigError(f"pyramid.pool_split_block must be in 0..{last + 1}, got {split_block}")
+        if method not in POOL_METHODS:
+            raise ModelConfigError(f"pyramid.pool_method must be one of {POOL_METHODS}, got {method!r}")
+        top = len(net.blocks) - 1
+        layers = [self.layer] if layers is None else list(layers)
+        wanted = sorted({top if layer == -1 else layer for layer in layers})
+        if not 0 <= split_block <= wanted[0] + 1 or wanted[-1] > top:
+            raise ModelConfigError(f"pyramid.pool_split_block must be in 0..{wanted[0] + 1} and layers in "
+                                   f"0..{top}, got {split_block} and {layers}")
         x = net.norm_pre(net.patch_drop(net._pos_embed(net.patch_embed(images))))
         for block in net.blocks[:split_block]:
             x = block(x)
+        run = self._cells_split if method == "split" else self._cells_masked
+        by_layer = run(x, cells, split_block, wanted)
+        return [by_layer[top if layer == -1 else layer] for layer in layers]
+
+    def _finish(self, sequence: torch.Tensor, prefix_count: int, layer: int) -> torch.Tensor:
+        """Pooled, normalised descriptors of (n, prefix + tokens, C) sequences at ``layer``'s output."""
+        if self.norm_intermediate or layer == len(self.backbone.blocks) - 1:
+            sequence = self.backbone.norm(sequence)
+        return self._pool(sequence[:, :prefix_count], sequence[:, prefix_count:])
+
+    def _cells_split(self, x: torch.Tensor, cells, split_block: int, wanted: list[int]) -> dict[int, torch.Tensor]:
+        net = self.backbone
         batch, _, width = x.shape
         rows, cols = net.patch_embed.grid_size
         prefix_count = net.num_prefix_tokens
         prefix, grid = x[:, :prefix_count], x[:, prefix_count:].reshape(batch, rows, cols, width)
-        apply_norm = self.norm_intermediate or self.layer == -1
-        out = torch.empty(batch, len(cells), width, device=x.device, dtype=torch.float32)
+        out = {layer: torch.empty(batch, len(cells), width, device=x.device, dtype=torch.float32) for layer in wanted}
         groups: dict[tuple[int, int], list[int]] = {}
         for position, (r0, r1, c0, c1) in enumerate(cells):
             groups.setdefault((r1 - r0, c1 - c0), []).append(position)
@@ -129,12 +152,42 @@ class Encoder(nn.Module):
                                   for p in positions], dim=1)
             heads = prefix.unsqueeze(1).expand(batch, len(positions), prefix_count, width)
             sequence = torch.cat([heads, tokens], dim=2).reshape(batch * len(positions), -1, width)
-            for block in net.blocks[split_block:last + 1]:
-                sequence = block(sequence)
-            if apply_norm:
-                sequence = net.norm(sequence)
-            pooled = self._pool(sequence[:, :prefix_count], sequence[:, prefix_count:])
-            out[:, positions] = pooled.reshape(batch, len(positions), -1)
+            for index in range(split_block - 1, wanted[-1] + 1):  # split_block - 1: the shared output
+                if index >= split_block:
+                    sequence = net.blocks[index](sequence)
+                if index in out:
+                    out[index][:, positions] = self._finish(sequence, prefix_count, index).reshape(batch, len(positions), -1)
+        return out
+
+    def _cells_masked(self, x: torch.Tensor, cells, split_block: int, wanted: list[int]) -> dict[int, torch.Tensor]:
+        net = self.backbone
+        batch, length, width = x.shape
+        cols = net.patch_embed.grid_size[1]
+        prefix_count = net.num_prefix_tokens
+        count = len(cells)
+        # Attention mask (additive, shared by the batch and heads): the image's own tokens see
+        # each other as usual and never the cell tokens; cell token i sees itself and its cell.
+        allowed = torch.zeros(length + count, length + count, dtype=torch.bool, device=x.device)
+        allowed[:length, :length] = True
+        for i, (r0, r1, c0, c1) in enumerate(cells):
+            rows = torch.arange(r0, r1, device=x.device)
+            columns = torch.arange(c0, c1, device=x.device)
+            allowed[length + i, (prefix_count + rows[:, None] * cols + columns[None, :]).reshape(-1)] = True
+            allowed[length + i, length + i] = True
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
+        sequence = torch.cat([x, x[:, :1].expand(batch, count, width)], dim=1)
+        out = {}
+        for index in range(split_block - 1, wanted[-1] + 1):  # split_block - 1: the shared output
+            if index >= split_block:
+                sequence = net.blocks[index](sequence, attn_mask=mask)
+            if index in wanted:
+                cell_cls = sequence[:, length:].reshape(batch * count, 1, width)
+                if self.pool == "cls":
+                    out[index] = self._finish(cell_cls, 1, index).reshape(batch, count, -1)
+                else:  # mean / gem of each cell's (globally contextualised) tokens
+                    out[index] = torch.stack([
+                        self._finish(sequence[:, allowed[length + i, :length].nonzero().squeeze(1)], 0, index)
+                        for i in range(count)], dim=1)
         return out
 
     @torch.inference_mode()

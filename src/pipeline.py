@@ -92,9 +92,10 @@ class FeatureSource:
         """
         ex = self.cfg.extract
         if self.cfg.pyramid.mode == "pool":
-            split = int(self.cfg.pyramid.pool_split_block)
-            stores = {level: self.store(self.model, level, region, mode=f"pool-b{split}") for level in levels}
-            self.stats.append(extract_pooled(stores, records, self.model, split_block=split,
+            split, method = int(self.cfg.pyramid.pool_split_block), str(self.cfg.pyramid.pool_method)
+            mode = f"pool-b{split}" if method == "split" else f"pool-{method}-b{split}"
+            stores = {level: self.store(self.model, level, region, mode=mode) for level in levels}
+            self.stats.append(extract_pooled(stores, records, self.model, split_block=split, method=method,
                                              batch_size=ex.batch_size, num_workers=ex.num_workers,
                                              chunk_size=ex.chunk_size, desc=f"{desc} L{'-'.join(map(str, levels))}"))
         else:

@@ -27,29 +27,75 @@ def test_token_cells_tile_the_grid():
         assert len(level_cells) == (level + 1) ** 2 and (cover == 1).all()
 
 
+@pytest.mark.parametrize("method", ["split", "masked"])
 @pytest.mark.parametrize("split", [0, 1, 2])
-def test_whole_grid_cell_is_a_normal_forward(model, split):
+def test_whole_grid_cell_is_a_normal_forward(model, method, split):
     images = torch.randn(2, 3, 160, 160)
     rows, cols = model.encoder.backbone.patch_embed.grid_size
-    pooled = model.encoder.describe_cells(images, [(0, rows, 0, cols)], split_block=split)
+    pooled = model.encoder.describe_cells(images, [(0, rows, 0, cols)], split, method)[0]
     assert torch.allclose(pooled[:, 0], model.encoder(images)[0], atol=1e-5)
 
 
-def test_cells_see_only_their_tokens_after_the_split(model):
+@pytest.mark.parametrize("method", ["split", "masked"])
+def test_cells_see_only_their_tokens_after_the_split(model, method):
     """With every block shared (split = depth), all cells get the same class token; with
-    fewer shared blocks, cells differ: the per-cell blocks are what localises."""
+    fewer shared blocks, cells differ: the blocks with cell tokens are what localises."""
     images = torch.randn(1, 3, 160, 160)
     cells = token_cells(10, 10, [1])[1]
     depth = len(model.encoder.backbone.blocks)
-    shared = model.encoder.describe_cells(images, cells, split_block=depth)
+    shared = model.encoder.describe_cells(images, cells, depth, method)[0]
     assert torch.allclose(shared[0, 0], shared[0, 3], atol=1e-6)
-    local = model.encoder.describe_cells(images, cells, split_block=1)
+    local = model.encoder.describe_cells(images, cells, 1, method)[0]
     assert not torch.allclose(local[0, 0], local[0, 3], atol=1e-3)
+
+
+def test_split_cells_ignore_the_rest_of_the_image(model):
+    """split from block 0 is a crop of the token grid: pixels outside a cell cannot reach it."""
+    images = torch.randn(1, 3, 160, 160)
+    changed = images.clone()
+    changed[:, :, 80:, :] = torch.randn(1, 3, 80, 160)  # bottom half only
+    cells = token_cells(10, 10, [1])[1]  # top-left, top-right, bottom-left, bottom-right
+    before = model.encoder.describe_cells(images, cells, 0, "split")[0]
+    after = model.encoder.describe_cells(changed, cells, 0, "split")[0]
+    assert torch.allclose(before[0, :2], after[0, :2], atol=1e-5)
+    assert not torch.allclose(before[0, 2:], after[0, 2:], atol=1e-3)
+
+
+def test_masked_cell_tokens_leave_the_image_tokens_untouched():
+    """In masked mode the image's tokens are exactly a normal forward: mean-pooling a cell
+    equals the mean of the normal forward's tokens in that cell."""
+    torch.set_num_threads(1)
+    mean_model = load_model(compose_config(["model=test_vit", "model.layer=-1", "model.pool=mean"]).model, device="cpu")
+    encoder = mean_model.encoder
+    images = torch.randn(2, 3, 160, 160)
+    cells = token_cells(10, 10, [0, 2])
+    cells = cells[0] + cells[2]
+    pooled = encoder.describe_cells(images, cells, 1, "masked")[0]
+    tokens = encoder._block_outputs(images, [-1])[0][1].reshape(2, 10, 10, -1)
+    for i, (r0, r1, c0, c1) in enumerate(cells):
+        expected = torch.nn.functional.normalize(tokens[:, r0:r1, c0:c1].mean(dim=(1, 2)), dim=-1)
+        assert torch.allclose(pooled[:, i], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["split", "masked"])
+def test_several_layers_from_one_pass(method):
+    torch.set_num_threads(1)
+    vit = load_model(compose_config(["model=test_vit", "model.layer=1"]).model, device="cpu")
+    images = torch.randn(1, 3, 160, 160)
+    cells = token_cells(10, 10, [1])[1]
+    both = vit.encoder.describe_cells(images, cells, 1, method, layers=[2, 1])
+    assert torch.allclose(both[1], vit.encoder.describe_cells(images, cells, 1, method)[0], atol=1e-5)
+    assert not torch.allclose(both[0], both[1], atol=1e-3)
 
 
 def test_split_block_out_of_range_is_an_error(model):
     with pytest.raises(ModelConfigError, match="pool_split_block"):
         model.encoder.describe_cells(torch.randn(1, 3, 160, 160), [(0, 10, 0, 10)], split_block=99)
+
+
+def test_unknown_pool_method_is_an_error(model):
+    with pytest.raises(ModelConfigError, match="pool_method"):
+        model.encoder.describe_cells(torch.randn(1, 3, 160, 160), [(0, 10, 0, 10)], 0, "avg")
 
 
 def test_pool_mode_end_to_end(smoke_overrides, tmp_path):
@@ -61,3 +107,5 @@ def test_pool_mode_end_to_end(smoke_overrides, tmp_path):
     assert again["counts"]["extracted_images"] == 0 and again["mAP"] == pytest.approx(metrics["mAP"])
     crop = run(compose_config(smoke_overrides), tmp_path / "crop")
     assert crop["counts"]["extracted_images"] > 0  # pool and crop never share a cache
+    masked = run(compose_config(overrides + ["pyramid.pool_method=masked"]), tmp_path / "masked")
+    assert masked["counts"]["extracted_images"] > 0  # nor do the two pooling methods
