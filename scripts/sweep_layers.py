@@ -42,16 +42,16 @@ def main() -> None:
         base = load_model(cfg.model, device=cfg.extract.device, precision=cfg.extract.precision)
         models = [with_layer(base, layer) for layer in layers]
         started = time.perf_counter()
-        jobs = [(dataset.queries, 0, "bbox" if cfg.query.crop_to_bbox else "full", "queries")]
-        jobs += [(dataset.gallery, level, "full", "gallery") for level in range(max(levels) + 1)]
-        for records, level, region, name in jobs:
-            stores = [FeatureStore(Path(cfg.paths.features), cfg.model.name, m.fingerprint, level,
-                                   cfg.pyramid.mode, region) for m in models]
-            for store in stores:
+        jobs = [(dataset.queries, [0], "bbox" if cfg.query.crop_to_bbox else "full", "queries")]
+        jobs += [(dataset.gallery, list(range(max(levels) + 1)), "full", "gallery")]
+        for records, job_levels, region, name in jobs:
+            pairs = [(FeatureStore(Path(cfg.paths.features), cfg.model.name, m.fingerprint, level,
+                                   cfg.pyramid.mode, region), m) for level in job_levels for m in models]
+            for store, _ in pairs:
                 store.open()
-            extract_missing(stores, records, models, batch_size=cfg.extract.batch_size,
+            extract_missing([s for s, _ in pairs], records, [m for _, m in pairs], batch_size=cfg.extract.batch_size,
                             num_workers=cfg.extract.num_workers, chunk_size=cfg.extract.chunk_size,
-                            desc=f"{name} L{level}")
+                            desc=f"{name} L{'-'.join(map(str, job_levels))}")
         extract_s = time.perf_counter() - started
         logger.info(f"one pass for {len(layers)} blocks took {extract_s:.1f} s")
         rows = []

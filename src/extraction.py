@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from loguru import logger
+from PIL import Image
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
@@ -162,21 +163,49 @@ class FeatureStore:
 
 # ----------------------------------------------------------------------------- crop-mode extraction
 
-class _CropDataset(TorchDataset):
-    """Image i -> (its patches preprocessed (n, 3, S, S), their boxes (n, 4), error message)."""
+class PatchTransform:
+    """timm's eval transform of a model (squash resize, to tensor, normalise) for many crops
+    of one image at once: each crop is resized by PIL exactly as timm's ``Resize`` does, and
+    the conversion and normalisation run once on the stacked crops (same arithmetic, so the
+    same numbers as ``model.transform`` crop by crop; tests/test_extraction_speed.py)."""
 
-    def __init__(self, records: Sequence[ImageRecord], level: int, region: str, transform):
-        self.records, self.level, self.region, self.transform = records, level, region, transform
+    RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+                "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+
+    def __init__(self, data_config: dict) -> None:
+        if data_config.get("crop_mode") != "squash" or float(data_config.get("crop_pct", 1.0)) != 1.0:
+            raise ValueError("PatchTransform reproduces the squash resize (crop_pct 1) only")
+        self.size = (int(data_config["input_size"][-1]), int(data_config["input_size"][-2]))
+        self.resample = self.RESAMPLE[data_config.get("interpolation", "bicubic")]
+        self.mean = torch.tensor(data_config["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(data_config["std"], dtype=torch.float32).view(1, 3, 1, 1)
+
+    def __call__(self, image: Image.Image, boxes: np.ndarray) -> torch.Tensor:
+        """(n, 3, S, S) float32 of the ``boxes`` (x, y, w, h) of ``image``."""
+        pixels = np.stack([np.asarray(image.crop((x, y, x + w, y + h)).resize(self.size, self.resample))
+                           for x, y, w, h in boxes.tolist()])
+        batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255)
+        return batch.sub_(self.mean).div_(self.std)
+
+
+class _CropDataset(TorchDataset):
+    """Image i -> (its patches of every level preprocessed (n, 3, S, S), their boxes (n, 4)
+    and levels (n,), error message). Each image is decoded once for all levels."""
+
+    def __init__(self, records: Sequence[ImageRecord], levels: Sequence[int], region: str, data_config: dict):
+        self.records, self.levels, self.region = records, sorted(levels), region
+        self.transform = PatchTransform(data_config)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int):
         record = self.records[index]
+        nothing = (np.zeros((0, 4), np.float32), np.zeros(0, np.int8))
         try:
             image = load_image(record.path)
         except DataError as err:
-            return None, np.zeros((0, 4), np.float32), str(err)
+            return None, nothing, str(err)
         offset_x = offset_y = 0
         if self.region == "bbox" and record.boxes:
             b = record.boxes_array
@@ -185,12 +214,14 @@ class _CropDataset(TorchDataset):
             offset_x, offset_y = int(round(x0)), int(round(y0))
             image = image.crop((offset_x, offset_y, max(int(round(x1)), offset_x + 1), max(int(round(y1)), offset_y + 1)))
         width, height = image.size
-        if width <= self.level or height <= self.level:
-            return None, np.zeros((0, 4), np.float32), f"{record.path}: image {width}x{height} too small for pyramid level {self.level}"
-        boxes = level_boxes(width, height, self.level)
-        crops = [self.transform(image.crop((x, y, x + w, y + h))) for x, y, w, h in boxes]
+        if width <= self.levels[-1] or height <= self.levels[-1]:
+            return None, nothing, f"{record.path}: image {width}x{height} too small for pyramid level {self.levels[-1]}"
+        per_level = [level_boxes(width, height, level) for level in self.levels]
+        boxes = np.concatenate(per_level)
+        levels = np.concatenate([np.full(len(b), level, np.int8) for b, level in zip(per_level, self.levels)])
+        crops = self.transform(image, boxes)
         boxes = boxes.astype(np.float32) + np.array([offset_x, offset_y, 0, 0], np.float32)
-        return torch.stack(crops), boxes, ""
+        return crops, (boxes, levels), ""
 
 
 def _todo(stores: Sequence[FeatureStore], records: Sequence[ImageRecord], stats: ExtractStats) -> list[ImageRecord]:
@@ -225,20 +256,23 @@ def extract_missing(stores: Sequence[FeatureStore], records: Sequence[ImageRecor
                     batch_size: int, num_workers: int, chunk_size: int, desc: str = "extract") -> ExtractStats:
     """Encode every record that any store lacks, writing one chunk per ``chunk_size`` images to each.
 
-    ``models[i]`` describes ``stores[i]``; several pairs share one backbone and
-    differ only by block (``model.with_layer``), so one encoder pass fills them all.
+    ``models[i]`` describes ``stores[i]``. The stores may hold several levels
+    (each image is decoded once and its crops of every level are encoded
+    together) and several blocks of one backbone (``model.with_layer``): one
+    encoder pass fills them all. Crops of consecutive images fill whole batches.
     """
     stats = ExtractStats(desc=desc)
     todo = _todo(stores, records, stats)
     if not todo:
         return stats
-    layers = [m.fingerprint["layer"] for m in models]
+    layers = sorted({m.fingerprint["layer"] for m in models})
     started = time.perf_counter()
-    level, region = stores[0].level, stores[0].region
-    loader = DataLoader(_CropDataset(todo, level, region, models[0].transform), batch_size=None,
-                        shuffle=False, num_workers=num_workers, prefetch_factor=4 if num_workers else None)
+    region = stores[0].region
+    loader = DataLoader(_CropDataset(todo, sorted({s.level for s in stores}), region, models[0].data_config),
+                        batch_size=None, shuffle=False, num_workers=num_workers,
+                        prefetch_factor=4 if num_workers else None)
     crops: list[torch.Tensor] = []          # preprocessed patches not yet encoded
-    encoded: list[list[torch.Tensor]] = []  # per batch: one (B, D) tensor per store
+    encoded: list[list[torch.Tensor]] = []  # per batch: one (B, D) tensor per layer
     patches_done = 0
 
     def encode_crops(everything: bool) -> None:
@@ -258,13 +292,20 @@ def extract_missing(stores: Sequence[FeatureStore], records: Sequence[ImageRecor
     def write(pending: list) -> None:
         nonlocal patches_done
         encode_crops(everything=True)
-        for position, (store, model) in enumerate(zip(stores, models)):
-            vectors = torch.cat([e[position] for e in encoded]).numpy() if encoded else np.zeros((0, model.dim), np.float32)
+        by_layer = {layer: torch.cat([e[i] for e in encoded]).numpy() if encoded else None
+                    for i, layer in enumerate(layers)}
+        boxes = np.concatenate([p[1][0] for p in pending])
+        levels = np.concatenate([p[1][1] for p in pending])
+        owner = np.repeat(np.arange(len(pending)), [len(p[1][1]) for p in pending])
+        for store, model in zip(stores, models):
+            rows = levels == store.level
+            vectors = by_layer[model.fingerprint["layer"]]
             store.write_chunk(
                 ids=[p[0].id for p in pending], signatures=[p[0].file_signature() for p in pending],
-                counts=[len(p[1]) for p in pending], vectors=vectors,
-                boxes=np.concatenate([p[1] for p in pending]), errors=[p[2] for p in pending], dim=model.dim)
-        patches_done += sum(len(p[1]) for p in pending)
+                counts=np.bincount(owner[rows], minlength=len(pending)).tolist(),
+                vectors=vectors[rows] if vectors is not None else np.zeros((0, model.dim), np.float32),
+                boxes=boxes[rows], errors=[p[2] for p in pending], dim=model.dim)
+        patches_done += len(levels)
         encoded.clear()
 
     _feed_chunks(todo, loader, desc=desc, chunk_size=chunk_size, stats=stats, take=take, write=write)
@@ -372,7 +413,7 @@ def describe_images(records: Sequence[ImageRecord], model: LoadedModel, *, regio
 
     Returns (vectors (n_readable, d) in record order, error messages of unreadable images).
     """
-    dataset = _CropDataset(records, 0, region, model.transform)
+    dataset = _CropDataset(records, [0], region, model.data_config)
     items = [dataset[i] for i in range(len(records))]
     errors = [error for _, _, error in items if error]
     crops = [c for c, _, error in items if not error]

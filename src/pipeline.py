@@ -100,10 +100,9 @@ class FeatureSource:
                                              chunk_size=ex.chunk_size, desc=f"{desc} L{'-'.join(map(str, levels))}"))
         else:
             stores = {level: self.store(self.model, level, region) for level in levels}
-            for level, store in stores.items():
-                self.stats.append(extract_missing([store], records, [self.model], batch_size=ex.batch_size,
-                                                  num_workers=ex.num_workers, chunk_size=ex.chunk_size,
-                                                  desc=f"{desc} L{level}"))
+            self.stats.append(extract_missing(list(stores.values()), records, [self.model] * len(levels),
+                                              batch_size=ex.batch_size, num_workers=ex.num_workers,
+                                              chunk_size=ex.chunk_size, desc=f"{desc} L{'-'.join(map(str, levels))}"))
         return PatchFeatures.concat([stores[level].gather(records, expected_dim=self.model.dim)[0] for level in levels])
 
     def totals(self) -> dict:

@@ -47,7 +47,7 @@ def test_adding_photos_encodes_only_the_new_ones(tmp_path, photo_folder, ilias_f
     shutil.copy(new, photo_folder / "new.jpg")
     summary = run(compose_config(_overrides(tmp_path, photo_folder, "task=index")), tmp_path / "b")
     assert summary["images"] == 7
-    assert summary["extracted"] == 2  # the new photo at level 0 and at level 1
+    assert summary["extracted"] == 1  # the new photo (levels 0 and 1 in one pass)
 
 
 def test_search_errors_are_one_line(tmp_path, photo_folder):

@@ -1,0 +1,97 @@
+"""Extraction throughput of crop and pool modes (prints figures, not a test).
+
+Runs the real extraction path (``FeatureSource.features``: DataLoader decoding, crop
+packing or one pooled pass per image, chunked cache writes) into a fresh temporary
+feature cache for each setting, and prints images/s and patches/s at the chosen level.
+All settings run in one process on the same images, so their ratios compare.
+
+    python benchmarks/extraction_throughput.py --images 48 \\
+        --settings crop pool:448:split:2 pool:336:masked:0 --batch-sizes 16 [Hydra overrides ...]
+
+A setting is ``crop`` or ``pool:SIZE:METHOD:SPLIT_BLOCK`` (pyramid.pool_image_size,
+pyramid.pool_method, pyramid.pool_split_block). The gallery is the first ``--images``
+images of the configured dataset (default: the mini-ILIAS; ``dataset=folder
+dataset.root=DIR`` for any folder). One warm-up image per setting is not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from src.console import setup_logging  # noqa: E402
+from src.pipeline import load_dataset, make_feature_source  # noqa: E402
+from src.pyramid import levels_for, patches_per_image  # noqa: E402
+
+
+def setting_overrides(setting: str) -> list[str]:
+    if setting == "crop":
+        return ["pyramid.mode=crop"]
+    kind, size, method, split = setting.split(":")
+    if kind != "pool":
+        raise SystemExit(f"unknown setting {setting!r}: crop or pool:SIZE:METHOD:SPLIT")
+    return ["pyramid.mode=pool", f"pyramid.pool_image_size={size}", f"pyramid.pool_method={method}",
+            f"pyramid.pool_split_block={split}"]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {torch.get_num_threads()} torch threads{gpu}; torch {torch.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--settings", nargs="+", default=["crop", "pool:448:split:2", "pool:448:masked:0"])
+    parser.add_argument("--batch-sizes", default="16", help="comma-separated extract.batch_size values")
+    args, overrides = parser.parse_known_args()
+    setup_logging(None)
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        base = compose(config_name="config", overrides=overrides)
+        dataset = load_dataset(base.dataset)
+        records = dataset.gallery[:args.images]
+        levels = levels_for(int(base.pyramid.level), base.pyramid.multi_scale)
+        per_image = patches_per_image(levels)
+        rows = []
+        for setting in args.settings:
+            for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+                with tempfile.TemporaryDirectory(prefix="patchify-bench-") as cache:
+                    cfg = compose(config_name="config", overrides=[
+                        *overrides, *setting_overrides(setting), f"extract.batch_size={batch_size}",
+                        f"paths.features={cache}"])
+                    source = make_feature_source(cfg)
+                    source.features(records[:1], levels, desc="warm-up")
+                    started = time.perf_counter()
+                    source.features(records[1:], levels, desc=setting)
+                    seconds = time.perf_counter() - started
+                rows.append((setting, source.model.input_size, batch_size, seconds, len(records) - 1))
+    print(f"\n{machine()}\nmodel {base.model.name} ({base.model.timm_name}, layer {base.model.layer}), "
+          f"device {source.model.device}{' fp16' if source.model.half else ''}, levels {levels} "
+          f"({per_image} patches per image), {len(records) - 1} timed images\n")
+    crop_rate = {b: n / s for name, _, b, s, n in rows if name == "crop"}
+    print("| setting | input px | batch | seconds | images/s | patches/s | vs crop |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, size, batch_size, seconds, count in rows:
+        rate = count / seconds
+        ratio = f"{rate / crop_rate[batch_size]:.1f}x" if batch_size in crop_rate else "-"
+        print(f"| {name} | {size} | {batch_size} | {seconds:.1f} | {rate:.2f} | {rate * per_image:.1f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
