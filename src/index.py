@@ -11,16 +11,26 @@ by an :class:`IndexSpec`, which maps one to one onto a FAISS factory string:
 
 ``metric`` is ``IP`` (inner product, higher is better) or ``L2`` (FAISS
 returns *squared* L2 distances, lower is better).
+
+A large IVF index is built in shards: one trained index file, shard files
+filled from it independently under explicit global ids (:func:`populate_shard`),
+then joined by :func:`merge_shards`, on disk with FAISS's own
+``merge_ondisk``: ``<name>.faiss`` holds the quantizers, ``<name>.ivfdata``
+beside it the inverted lists, which :func:`read_index` memory-maps, so the
+index may be larger than RAM.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
+from faiss.contrib.ondisk import merge_ondisk
 from loguru import logger
 
 KINDS = ("flat", "pq", "ivfpq")
@@ -200,6 +210,25 @@ def add_vectors(index: faiss.Index, vectors: np.ndarray, start_id: int) -> None:
         index.add(_as_matrix(x[lo : lo + step], index.d))
 
 
+def add_with_ids(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> None:
+    """Append ``vectors`` under explicit int64 ``ids`` (IVF indices only).
+
+    Input may be any float dtype; it is converted chunk by chunk.
+    """
+    if not is_gpu_index(index) and faiss.try_extract_index_ivf(index) is None:
+        raise IndexConfigError("index: explicit ids need an IVF index (kind=ivfpq)")
+    if not index.is_trained:
+        raise IndexConfigError("index: add_with_ids on an untrained index; call train_index first")
+    x, ids = np.asarray(vectors), np.asarray(ids)
+    if x.ndim != 2 or x.shape[1] != index.d:
+        _as_matrix(x, index.d)  # raises the dimension error
+    if ids.shape != (len(x),) or (ids.size and ids.min() < 0):
+        raise IndexConfigError(f"index: need one id >= 0 per vector, got ids of shape {ids.shape} for {len(x)} vectors")
+    step = max(1, _ADD_CHUNK_BYTES // (4 * index.d))
+    for lo in range(0, len(x), step):
+        index.add_with_ids(_as_matrix(x[lo : lo + step], index.d), np.ascontiguousarray(ids[lo : lo + step], np.int64))
+
+
 def is_gpu_index(index: faiss.Index) -> bool:
     """True when ``index`` lives on a GPU."""
     gpu_index = getattr(faiss, "GpuIndex", None)
@@ -245,23 +274,83 @@ def to_cpu(index: faiss.Index) -> faiss.Index:
     return cpu
 
 
+def _reason(err: Exception) -> str:
+    """The last line of a FAISS error, without its C++ location."""
+    text = str(err).strip()
+    return text.splitlines()[-1].split("Error: ", 1)[-1] if text else type(err).__name__
+
+
+def ivfdata_path(path: Path) -> Path:
+    """Where the on-disk index ``<name>.faiss`` keeps its inverted lists: ``<name>.ivfdata`` beside it."""
+    return Path(path).with_suffix(".ivfdata")
+
+
+def _on_disk_lists(index: faiss.Index):
+    """The ``OnDiskInvertedLists`` of ``index``, or None."""
+    ivf = None if is_gpu_index(index) else faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return None
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    return lists if isinstance(lists, faiss.OnDiskInvertedLists) else None
+
+
+def is_on_disk(index: faiss.Index) -> bool:
+    """True when the inverted lists of ``index`` live in an ``.ivfdata`` file (memory-mapped)."""
+    return _on_disk_lists(index) is not None
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _commit_on_disk(index: faiss.Index, path: Path, lists_tmp: Path) -> None:
+    """Write the index file of on-disk ``index``, whose lists are complete in ``lists_tmp``; move both into place.
+
+    The index file records its lists by file name only (read back from its own folder). It is
+    removed first and renamed into place last, so a killed run leaves either no index file
+    (rebuilt next time) or a complete pair, never an index file over other lists.
+    """
+    lists, tmp = _on_disk_lists(index), path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    previous, lists.filename = lists.filename, ivfdata_path(path).name
+    try:
+        faiss.write_index(index, str(tmp))
+        _fsync(lists_tmp)
+        _fsync(tmp)
+        path.unlink(missing_ok=True)
+        os.replace(lists_tmp, ivfdata_path(path))
+        os.replace(tmp, path)
+    finally:
+        lists.filename = previous
+        tmp.unlink(missing_ok=True)
+
+
 def write_index(index: faiss.Index, path: Path) -> None:
     """Write ``index`` to ``path`` atomically (temp file, fsync, rename).
 
     A killed run leaves at most a ``<name>.tmp-<pid>`` file, never a
-    half-written ``path``. GPU indices are copied to CPU first.
+    half-written ``path``. GPU indices are copied to CPU first. An on-disk
+    index is written as its index file plus ``<name>.ivfdata`` beside it, a
+    hard link to (or, across file systems, a copy of) its current lists.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    on_disk = is_on_disk(index)
+    tmp = path.with_name(f"{(ivfdata_path(path) if on_disk else path).name}.tmp-{os.getpid()}")
     try:
+        if on_disk:
+            try:
+                os.link(_on_disk_lists(index).filename, tmp)
+            except OSError:
+                shutil.copyfile(_on_disk_lists(index).filename, tmp)
+            _commit_on_disk(index, path, lists_tmp=tmp)
+            return
         faiss.write_index(to_cpu(index), str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        _fsync(tmp)
         os.replace(tmp, path)
+        ivfdata_path(path).unlink(missing_ok=True)  # lists of an on-disk index this file replaced
     except (RuntimeError, OSError) as e:  # e.g. no space left on device
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise IndexConfigError(f"{path}: cannot write index ({reason}); nothing was replaced") from None
+        raise IndexConfigError(f"{path}: cannot write index ({_reason(e)}); nothing was replaced") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -271,21 +360,116 @@ def read_index(path: Path, mmap: bool = False) -> faiss.Index:
 
     ``mmap=True`` maps the codes and inverted lists from the file instead of
     loading them (``IO_FLAG_MMAP_IFC``): little memory, read-only index.
-    Raises FileNotFoundError for a missing file and IndexConfigError naming
-    the file when it is not a readable FAISS index (e.g. truncated). FAISS's
-    mmap reader may miss a file short of only its last few bytes; complete
-    files are guaranteed by the atomic rename of :func:`write_index`.
+    An on-disk index (``<name>.ivfdata`` beside ``path``) is always read so:
+    its lists are memory-mapped read-only from the index file's own folder,
+    so the pair may be moved together. Raises FileNotFoundError for a missing
+    file and IndexConfigError naming the file when it is not a readable FAISS
+    index (e.g. truncated) or its lists are missing or short. FAISS's mmap
+    reader may miss a file short of only its last few bytes; complete files
+    are guaranteed by the atomic rename of :func:`write_index`.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such index file")
     flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
     try:
+        if ivfdata_path(path).is_file():  # read the quantizers, then map the lists beside them
+            index = faiss.read_index(str(path), faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY)
+            lists = _on_disk_lists(index)
+            if lists is not None:
+                _map_lists(path, lists)
+                return index
         return faiss.read_index(str(path), flags)
     except RuntimeError as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        reason = reason.split("Error: ", 1)[-1]
-        raise IndexConfigError(f"{path}: not a readable FAISS index ({reason})") from None
+        raise IndexConfigError(f"{path}: not a readable FAISS index ({_reason(e)})") from None
+
+
+def _map_lists(path: Path, lists) -> None:
+    """Memory-map the on-disk ``lists`` of index file ``path`` from the file of their name in ``path``'s folder."""
+    data = path.parent / Path(lists.filename).name
+    if not data.is_file():
+        raise IndexConfigError(f"{path}: its inverted lists {data.name} are missing; move the two files together")
+    if data.stat().st_size < lists.totsize:
+        raise IndexConfigError(f"{data}: truncated inverted lists ({data.stat().st_size:,} of {lists.totsize:,} bytes)")
+    lists.filename = str(data.resolve())
+    lists.do_mmap()
+
+
+def _require_empty_ivf(index: faiss.Index, path: Path) -> None:
+    if faiss.try_extract_index_ivf(index) is None:
+        raise IndexConfigError(f"{path}: not an IVF index; shards and on-disk lists need index=ivfpq")
+    if index.ntotal:
+        raise IndexConfigError(f"{path}: holds {index.ntotal:,} vectors; expected an empty trained index")
+
+
+def _trained_state(index: faiss.Index) -> tuple[str, str]:
+    """What the codes of an IVF index depend on: its shape, readable, and a hash of its centroids."""
+    ivf = faiss.extract_index_ivf(index)
+    metric = {v: k for k, v in METRICS.items()}.get(ivf.metric_type, ivf.metric_type)
+    shape = f"d={ivf.d} nlist={ivf.nlist} code_size={ivf.code_size} metric={metric}"
+    digest = hashlib.sha1(np.ascontiguousarray(ivf.quantizer.reconstruct_n(0, ivf.nlist)).tobytes())
+    pq = getattr(ivf, "pq", None)
+    if pq is not None:
+        digest.update(faiss.vector_to_array(pq.centroids).tobytes())
+    return shape, digest.hexdigest()
+
+
+def populate_shard(trained_path: Path, vectors: np.ndarray, ids: np.ndarray, path: Path,
+                   use_gpu: bool = False) -> int:
+    """Fill a copy of the empty trained IVF index ``trained_path`` with ``vectors`` under ``ids``; write ``path``.
+
+    A shard needs nothing but the trained index and its own vectors and global
+    ids, so separate processes or machines can fill shards independently;
+    :func:`merge_shards` joins them. The write is atomic. Returns the number
+    of vectors in the shard.
+    """
+    index = read_index(trained_path)
+    _require_empty_ivf(index, trained_path)
+    index = to_device(index, use_gpu)
+    add_with_ids(index, vectors, ids)
+    write_index(index, path)
+    return int(index.ntotal)
+
+
+def merge_shards(trained_path: Path, shard_paths: list[Path], path: Path, on_disk: bool = True) -> faiss.Index:
+    """Join shard files of :func:`populate_shard` into one index at ``path``; ids are kept. Returns it.
+
+    ``on_disk``: FAISS's ``merge_ondisk`` writes the inverted lists to
+    ``<name>.ivfdata`` beside ``path`` (through temporary names, the index
+    file renamed last) and the result is read back memory-mapped, so it may
+    exceed RAM. Otherwise the lists are merged in memory into an ordinary
+    index file. Every shard must have been filled from the same trained index
+    (same shape and centroids); otherwise IndexConfigError names the shard.
+    """
+    path, trained_path = Path(path), Path(trained_path)
+    trained = read_index(trained_path)
+    _require_empty_ivf(trained, trained_path)
+    shape, centroids = _trained_state(trained)
+    for shard in map(Path, shard_paths):
+        if not shard.is_file():
+            raise IndexConfigError(f"{shard}: index shard missing; populate it before merging")
+        state = _trained_state(read_index(shard, mmap=True))
+        if state[0] != shape:
+            raise IndexConfigError(f"{shard}: shard of an index with {state[0]}, but {trained_path.name} has {shape}")
+        if state[1] != centroids:
+            raise IndexConfigError(f"{shard}: populated from another trained index than {trained_path.name} "
+                                   "(centroids differ); delete the shard to populate it again")
+    if not on_disk:
+        for shard in shard_paths:
+            trained.merge_from(read_index(shard), 0)
+        write_index(trained, path)
+        return trained
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lists_tmp = path.with_name(f"{ivfdata_path(path).name}.tmp-{os.getpid()}")
+    try:
+        merge_ondisk(trained, [str(shard) for shard in shard_paths], str(lists_tmp))
+        _commit_on_disk(trained, path, lists_tmp)
+    except (RuntimeError, OSError) as e:  # e.g. no space left on device
+        raise IndexConfigError(f"{path}: cannot merge index shards ({_reason(e)}); nothing was replaced") from None
+    finally:
+        del trained  # unmaps the lists written
+        lists_tmp.unlink(missing_ok=True)
+    return read_index(path)
 
 
 def gpu_available() -> bool:
@@ -315,6 +499,9 @@ def to_device(index: faiss.Index, use_gpu: bool) -> faiss.Index:
         return to_cpu(index)
     if is_gpu_index(index):
         return index
+    if is_on_disk(index):
+        logger.info("index: on-disk inverted lists are searched memory-mapped, on CPU")
+        return index
     if not gpu_available():
         logger.warning("index: GPU requested but FAISS sees none; searching on CPU")
         return index
@@ -331,5 +518,6 @@ def to_device(index: faiss.Index, use_gpu: bool) -> faiss.Index:
 
 
 def index_nbytes(index: faiss.Index) -> int:
-    """Serialised size in bytes (the file size ``write_index`` would give)."""
-    return int(faiss.serialize_index(to_cpu(index)).nbytes)
+    """Serialised size in bytes (the file size ``write_index`` would give, plus the ``.ivfdata`` of an on-disk index)."""
+    lists = _on_disk_lists(index)
+    return int(faiss.serialize_index(to_cpu(index)).nbytes) + (int(lists.totsize) if lists is not None else 0)

@@ -24,9 +24,9 @@ from .extraction import (ExtractStats, FeatureStore, PatchFeatures, describe_ima
                          extract_pooled)
 from .metrics import QueryResult, evaluate, resolve_iou_thresholds
 from .model import LoadedModel, load_model
-from .pyramid import MAX_LEVEL, levels_for
+from .pyramid import MAX_LEVEL, levels_for, patches_per_image
 from .report import RunReport
-from .search import ImageHits, search_images
+from .search import ImageHits, rows_of_ids, search_images
 
 
 class ConfigError(ValueError):
@@ -77,10 +77,11 @@ class FeatureSource:
     model_name: str
     cfg: DictConfig  # the whole config
     stats: list[ExtractStats]
+    writer: int = 0  # names this run's chunk files, so that concurrent shard jobs never write the same file
 
     def store(self, model: LoadedModel, level: int, region: str = "full", mode: str = "crop") -> FeatureStore:
         store = FeatureStore(Path(self.cfg.paths.features), self.model_name, model.fingerprint, level, mode, region,
-                             writer=int(self.cfg.extract.shard))
+                             writer=self.writer)
         store.open()
         return store
 
@@ -139,7 +140,7 @@ def make_feature_source(cfg: DictConfig) -> FeatureSource:
     logger.info(f"model {cfg.model.name}: {cfg.model.timm_name} ({model.fingerprint['weights']}), "
                 f"input {model.input_size}px (queries {query_model.input_size}px), layer {cfg.model.layer}, "
                 f"pool {cfg.model.pool}, dim {model.dim}, {model.device}{' fp16' if model.half else ''}")
-    return FeatureSource(model, query_model, cfg.model.name, cfg, [])
+    return FeatureSource(model, query_model, cfg.model.name, cfg, [], writer=int(cfg.extract.shard))
 
 
 # ----------------------------------------------------------------------------- index
@@ -169,52 +170,165 @@ def training_sample(vectors: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return vectors[rows]
 
 
-def build_index(cfg: DictConfig, source: FeatureSource, gallery: list[ImageRecord],
-                patches: PatchFeatures, levels: list[int]):
-    """Trained (cached) and populated (cached) FAISS index over ``patches``."""
+def index_layout(cfg: DictConfig) -> tuple[int, bool]:
+    """``(index.shards, index.on_disk)`` of the index config; both need inverted lists (``kind=ivfpq``)."""
+    shards, on_disk = int(cfg.get("shards", 1)), bool(cfg.get("on_disk", False))
+    if shards < 1:
+        raise faiss_index.IndexConfigError(f"index: shards={shards} must be >= 1")
+    if (shards > 1 or on_disk) and str(cfg.kind).lower() != "ivfpq":
+        raise faiss_index.IndexConfigError(f"index: shards={shards} and on_disk={str(on_disk).lower()} need "
+                                           f"kind=ivfpq (inverted lists), got kind={cfg.kind}")
+    return shards, on_disk
+
+
+def patch_ids(patches: PatchFeatures, levels: list[int]) -> np.ndarray:
+    """Id of every patch in a sharded index: ``image * P + slot``.
+
+    ``image`` indexes the whole gallery, ``P`` is the number of patches an image has at ``levels`` and
+    ``slot`` the patch's place among them (levels in order, cells row-major). A shard so computes its ids
+    from its own images alone, whatever the other shards hold; an unreadable image leaves its ids unused.
+    """
+    offset = np.zeros(MAX_LEVEL + 1, np.int64)
+    offset[levels] = np.cumsum([0] + [(level + 1) ** 2 for level in levels[:-1]])
+    run = patches.image * (MAX_LEVEL + 1) + patches.level  # an image's patches of one level are consecutive rows
+    starts = np.flatnonzero(np.r_[True, run[1:] != run[:-1]])
+    cell = np.arange(len(run)) - np.repeat(starts, np.diff(np.r_[starts, len(run)]))
+    return patches.image * patches_per_image(levels) + offset[patches.level] + cell
+
+
+def index_ids(cfg: DictConfig, patches: PatchFeatures, levels: list[int]) -> np.ndarray | None:
+    """Index id of every row of ``patches``: :func:`patch_ids` when sharded, None (the row number) otherwise."""
+    shards, on_disk = index_layout(cfg)
+    return patch_ids(patches, levels) if shards > 1 or on_disk else None
+
+
+@dataclass(frozen=True)
+class IndexFiles:
+    """The cached files of one trained index configuration (readable names plus content keys)."""
+
+    trained: Path
+    train_levels: list[int]
+    populated: Path  # the whole gallery: one file, or the merged shards (+ .ivfdata when on disk)
+    shard_stem: str
+    shards: int
+    on_disk: bool
+
+    @property
+    def sharded(self) -> bool:
+        return self.shards > 1 or self.on_disk
+
+    def shard(self, i: int) -> Path:
+        return self.populated.with_name(f"{self.shard_stem}.shard{i:03d}-of-{self.shards:03d}.faiss")
+
+
+def index_files(cfg: DictConfig, model_fingerprint: dict, gallery: list[ImageRecord], levels: list[int],
+                dim: int) -> IndexFiles:
+    """Where the trained index, the shard files and the populated index of these settings are cached."""
     spec = index_spec(cfg.index)
-    dim = patches.dim
-    factory = spec.factory_string(dim)
-    use_gpu = {"auto": faiss_index.gpu_available(), True: True, False: False}[cfg.index.use_gpu]
-    if not spec.needs_training():
-        index = faiss_index.create_index(spec, dim)
-        faiss_index.add_vectors(index, patches.vectors, 0)
-        return faiss_index.to_device(index, use_gpu)
+    shards, on_disk = index_layout(cfg.index)
     train_levels = training_levels(int(cfg.index.train_level), levels)
     gallery_key = list_key([f"{r.id}:{r.file_signature()}" for r in gallery])
-    train_fields = {"model": source.model.fingerprint, "mode": cfg.pyramid.mode, "factory": factory,
+    train_fields = {"model": model_fingerprint, "mode": cfg.pyramid.mode, "factory": spec.factory_string(dim),
                     "metric": spec.metric, "train_levels": train_levels, "gallery": gallery_key,
                     "max_train": int(cfg.index.max_train_vectors), "seed": int(cfg.seed)}
     folder = Path(cfg.paths.indices)
     name = f"{cfg.model.name}.{spec.slug(dim)}.train{'-'.join(map(str, train_levels))}"
-    trained_path = folder / f"{name}-{content_key(train_fields)}.trained.faiss"
+    stem = f"{name}.L{'-'.join(map(str, levels))}"
     populated_fields = {**train_fields, "levels": levels}
-    populated_path = folder / f"{name}.L{'-'.join(map(str, levels))}-{content_key(populated_fields)}.populated.faiss"
-    if populated_path.exists():
-        index = faiss_index.read_index(populated_path)
-        if index.ntotal == len(patches.vectors) and index.d == dim:
-            logger.info(f"index: reused {populated_path.name} ({index.ntotal:,} vectors)")
-            return faiss_index.to_device(index, use_gpu)
-        logger.warning(f"{populated_path}: stale index ({index.ntotal} vectors, expected {len(patches.vectors)}); rebuilding")
-    if trained_path.exists():
-        index = faiss_index.read_index(trained_path)
-        logger.info(f"index: reused trained {trained_path.name}")
+    shard_fields = {**populated_fields, "ids": "patch", "shards": shards}
+    if shards > 1 or on_disk:  # other ids, other files; a one-file index keeps its key
+        populated_fields = {**shard_fields, "on_disk": on_disk}
+    return IndexFiles(trained=folder / f"{name}-{content_key(train_fields)}.trained.faiss", train_levels=train_levels,
+                      populated=folder / f"{stem}-{content_key(populated_fields)}.populated.faiss",
+                      shard_stem=f"{stem}-{content_key(shard_fields)}", shards=shards, on_disk=on_disk)
+
+
+def _use_gpu(cfg: DictConfig) -> bool:
+    return {"auto": faiss_index.gpu_available(), True: True, False: False}[cfg.index.use_gpu]
+
+
+def trained_index(cfg: DictConfig, source: FeatureSource, gallery: list[ImageRecord], levels: list[int],
+                  files: IndexFiles, patches: PatchFeatures | None = None):
+    """The empty trained index of ``files``: read, or trained on the training levels' patches and written.
+
+    ``patches`` (the indexed levels, when at hand) are the training vectors when those levels are the same.
+    """
+    if files.trained.exists():
+        index = faiss_index.read_index(files.trained)
+        logger.info(f"index: reused trained {files.trained.name}")
+        return index
+    spec = index_spec(cfg.index)
+    if patches is not None and files.train_levels == levels:
+        train = patches.vectors
     else:
-        train = patches.vectors if train_levels == levels else source.features(gallery, train_levels, desc="train").vectors
-        train = training_sample(train, int(cfg.index.max_train_vectors), int(cfg.seed))
-        faiss_index.check_training_size(spec, len(train))
-        started = time.perf_counter()
-        index = faiss_index.to_device(faiss_index.create_index(spec, dim), use_gpu)
-        faiss_index.train_index(index, train, spec, seed=int(cfg.seed))
-        faiss_index.write_index(index, trained_path)
-        logger.info(f"index: trained {factory} on {len(train):,} vectors of levels {train_levels} "
-                    f"in {time.perf_counter() - started:.1f} s -> {trained_path.name}")
-    index = faiss_index.to_device(index, use_gpu)
-    faiss_index.add_vectors(index, patches.vectors, 0)
-    faiss_index.write_index(index, populated_path)
-    logger.info(f"index: populated {index.ntotal:,} vectors ({faiss_index.index_nbytes(index) / max(len(gallery), 1):,.0f} "
-                f"bytes per image) -> {populated_path.name}")
+        train = source.features(gallery, files.train_levels, desc="train").vectors
+    train = training_sample(train, int(cfg.index.max_train_vectors), int(cfg.seed))
+    faiss_index.check_training_size(spec, len(train))
+    started = time.perf_counter()
+    index = faiss_index.to_device(faiss_index.create_index(spec, train.shape[1]), _use_gpu(cfg))
+    faiss_index.train_index(index, train, spec, seed=int(cfg.seed))
+    faiss_index.write_index(index, files.trained)
+    logger.info(f"index: trained {spec.factory_string(index.d)} on {len(train):,} vectors of levels "
+                f"{files.train_levels} in {time.perf_counter() - started:.1f} s -> {files.trained.name}")
     return index
+
+
+def populate_index_shard(files: IndexFiles, shard: int, patches: PatchFeatures, levels: list[int],
+                         use_gpu: bool) -> None:
+    """Fill shard file ``shard`` with ``patches`` (image indices in the whole gallery), unless already done."""
+    path = files.shard(shard)
+    if path.exists():
+        found = faiss_index.read_index(path, mmap=True).ntotal
+        if found == len(patches.vectors):
+            logger.info(f"index: reused shard {path.name} ({found:,} vectors)")
+            return
+        logger.warning(f"{path}: stale shard ({found} vectors, expected {len(patches.vectors)}); populating it again")
+    started = time.perf_counter()
+    added = faiss_index.populate_shard(files.trained, patches.vectors, patch_ids(patches, levels), path,
+                                       use_gpu=use_gpu)
+    logger.info(f"index: populated shard {shard} of {files.shards} with {added:,} vectors in "
+                f"{time.perf_counter() - started:.1f} s -> {path.name}")
+
+
+def build_index(cfg: DictConfig, source: FeatureSource, gallery: list[ImageRecord],
+                patches: PatchFeatures, levels: list[int]):
+    """Trained (cached) and populated (cached) FAISS index over ``patches``.
+
+    Sharded (``index.shards`` > 1 or ``index.on_disk``): every shard file (a slice of the gallery, ids from
+    :func:`patch_ids`) is cached, so a killed build resumes with the shards it finished; the shards are then
+    merged, on disk into a memory-mapped index when ``index.on_disk``.
+    """
+    spec = index_spec(cfg.index)
+    dim = patches.dim
+    use_gpu = _use_gpu(cfg)
+    if not spec.needs_training():
+        index_layout(cfg.index)
+        index = faiss_index.create_index(spec, dim)
+        faiss_index.add_vectors(index, patches.vectors, 0)
+        return faiss_index.to_device(index, use_gpu)
+    files = index_files(cfg, source.model.fingerprint, gallery, levels, dim)
+    if files.populated.exists():
+        index = faiss_index.read_index(files.populated)  # on-disk lists are mapped, not loaded
+        if index.ntotal == len(patches.vectors) and index.d == dim:
+            logger.info(f"index: reused {files.populated.name} ({index.ntotal:,} vectors)")
+            return faiss_index.to_device(index, use_gpu)
+        logger.warning(f"{files.populated}: stale index ({index.ntotal} vectors, expected {len(patches.vectors)}); "
+                       "rebuilding")
+    index = trained_index(cfg, source, gallery, levels, files, patches)
+    if files.sharded:
+        for shard in range(files.shards):
+            lo, hi = shard_bounds(len(gallery), shard, files.shards)
+            populate_index_shard(files, shard, patches.select((patches.image >= lo) & (patches.image < hi)), levels,
+                                 use_gpu)
+        index = faiss_index.merge_shards(files.trained, [files.shard(i) for i in range(files.shards)],
+                                         files.populated, on_disk=files.on_disk)
+    else:
+        index = faiss_index.to_device(index, use_gpu)
+        faiss_index.add_vectors(index, patches.vectors, 0)
+        faiss_index.write_index(index, files.populated)
+    logger.info(f"index: populated {index.ntotal:,} vectors ({faiss_index.index_nbytes(index) / max(len(gallery), 1):,.0f} "
+                f"bytes per image) -> {files.populated.name}")
+    return faiss_index.to_device(index, use_gpu)
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -257,7 +371,9 @@ def run_eval(cfg: DictConfig, report: RunReport) -> dict:
     index = build_index(cfg, source, dataset.gallery, gallery, levels)
     faiss_index.set_nprobe(index, int(cfg.index.get("nprobe", 1)))
     k = int(cfg.eval.k)
-    hits = search_images(index, queries.vectors, gallery.image, k, metric=str(cfg.index.metric))
+    ids = index_ids(cfg.index, gallery, levels)
+    hits = search_images(index, queries.vectors, gallery.image, k, metric=str(cfg.index.metric),
+                         row_of_id=None if ids is None else rows_of_ids(ids))
     search_seconds = time.perf_counter() - started
     logger.info(f"search: {len(queries.vectors):,} queries over {len(gallery.vectors):,} patches of "
                 f"{len(dataset.gallery):,} images (index + search) in {search_seconds:.2f} s")
@@ -280,11 +396,17 @@ def run_eval(cfg: DictConfig, report: RunReport) -> dict:
     return metrics
 
 
+def shard_bounds(n: int, shard: int, num_shards: int) -> tuple[int, int]:
+    """``[lo, hi)`` of the ``shard``-th of ``num_shards`` contiguous, near-equal slices of ``n`` items."""
+    return n * shard // num_shards, n * (shard + 1) // num_shards
+
+
 def shard_of(records: list[ImageRecord], shard: int, num_shards: int) -> list[ImageRecord]:
     """The ``shard``-th of ``num_shards`` contiguous, near-equal slices of ``records``."""
     if not 0 <= shard < num_shards:
         raise ConfigError(f"extract.shard must be in 0..{num_shards - 1}, got {shard}")
-    return records[len(records) * shard // num_shards:len(records) * (shard + 1) // num_shards]
+    lo, hi = shard_bounds(len(records), shard, num_shards)
+    return records[lo:hi]
 
 
 def run_extract(cfg: DictConfig, report: RunReport) -> dict:
@@ -318,18 +440,52 @@ def bundle_folder(cfg: DictConfig, model_fingerprint: dict, levels: list[int]) -
         f"-{content_key(fields)}")
 
 
+def run_index_step(cfg: DictConfig, report: RunReport, gallery: list[ImageRecord], source: FeatureSource,
+                   levels: list[int]) -> dict:
+    """One step of a sharded build: ``index.shard=train`` trains the quantizers, ``index.shard=i`` fills shard i.
+
+    Shard i holds the i-th of ``index.shards`` slices of the gallery (the slicing of extract.shard); its
+    features are read from the cache (extracted first if missing).
+    """
+    files = index_files(cfg, source.model.fingerprint, gallery, levels, source.model.dim)
+    if cfg.index.shard == "train":
+        trained_index(cfg, source, gallery, levels, files)
+        summary = {"trained": str(files.trained)}
+    else:
+        shard = int(cfg.index.shard)
+        if not files.trained.exists():
+            raise ConfigError(f"{files.trained}: no trained index yet; run task=index index.shard=train "
+                              "with the same settings first")
+        lo, hi = shard_bounds(len(gallery), shard, files.shards)
+        source.writer = shard
+        patches = source.features(gallery[lo:hi], levels, desc=f"gallery shard {shard}/{files.shards}")
+        patches = PatchFeatures(patches.vectors, patches.image + lo, patches.boxes, patches.level)
+        populate_index_shard(files, shard, patches, levels, _use_gpu(cfg))
+        summary = {"shard": str(files.shard(shard)), "images": hi - lo, "patches": int(len(patches.vectors))}
+    summary.update(extract=source.totals())
+    report.write_json("index.json", summary)
+    return summary
+
+
 def run_index(cfg: DictConfig, report: RunReport) -> dict:
-    """Index a gallery (any folder with dataset=folder) for task=search; only new or changed images are encoded."""
+    """Index a gallery (any folder with dataset=folder) for task=search; only new or changed images are encoded.
+
+    With ``index.shard`` set, only that step of a sharded build (:func:`run_index_step`).
+    """
     dataset = load_dataset(cfg.dataset)
     levels = levels_for(int(cfg.pyramid.level), cfg.pyramid.multi_scale)
     source = make_feature_source(cfg)
+    if cfg.index.get("shard") is not None:
+        return run_index_step(cfg, report, dataset.gallery, source, levels)
     patches = source.features(dataset.gallery, levels, desc="gallery")
     index = build_index(cfg, source, dataset.gallery, patches, levels)
     folder = bundle_folder(cfg, source.model.fingerprint, levels)
-    faiss_index.write_index(index, folder / "index.faiss")
+    faiss_index.write_index(index, folder / "index.faiss")  # on disk: index.faiss + index.ivfdata
+    ids = index_ids(cfg.index, patches, levels)
     save_arrays(folder / "gallery.npz", ids=np.asarray([r.id for r in dataset.gallery], dtype=str),
                 paths=np.asarray([str(r.path) for r in dataset.gallery], dtype=str),
-                patch_image=patches.image, boxes=patches.boxes, levels=np.asarray(levels))
+                patch_image=patches.image, boxes=patches.boxes, levels=np.asarray(levels),
+                **({} if ids is None else {"patch_ids": ids}))
     totals = source.totals()
     skipped = sorted(set(totals["failed"]) | set(dataset.skipped))
     summary = {"bundle": str(folder), "images": len(dataset.gallery), "patches": int(len(patches.vectors)),
@@ -366,8 +522,9 @@ def run_search(cfg: DictConfig, report: RunReport) -> dict:
     folder = bundle_folder(cfg, source.model.fingerprint, levels)
     if not (folder / "index.faiss").is_file():
         raise DataError(f"{folder}: no index for {cfg.dataset.root} with these settings; run task=index first")
-    index = faiss_index.read_index(folder / "index.faiss")
+    index = faiss_index.read_index(folder / "index.faiss")  # an on-disk index is memory-mapped
     gallery = load_arrays(folder / "gallery.npz")
+    row_of_id = rows_of_ids(gallery["patch_ids"]) if "patch_ids" in gallery else None
     if index.d != source.model.dim:
         raise CacheError(f"{folder / 'index.faiss'}: index dimension {index.d} does not match the model's {source.model.dim}")
     faiss_index.set_nprobe(index, int(cfg.index.get("nprobe", 1)))
@@ -379,7 +536,8 @@ def run_search(cfg: DictConfig, report: RunReport) -> dict:
         vectors, errors = describe_images([record], source.query_model)
         if errors:
             raise DataError(errors[0])
-        hits = search_images(index, vectors, gallery["patch_image"], k, metric=str(cfg.index.metric))
+        hits = search_images(index, vectors, gallery["patch_image"], k, metric=str(cfg.index.metric),
+                             row_of_id=row_of_id)
         seconds = time.perf_counter() - started
         valid = hits.images[0] >= 0
         top = [{"rank": rank + 1, "id": str(gallery["ids"][i]), "path": str(gallery["paths"][i]),
@@ -399,6 +557,20 @@ def run_search(cfg: DictConfig, report: RunReport) -> dict:
     return {"queries": len(output), "results": str(report.dir / "search.json")}
 
 
+def check_index_sharding(cfg: DictConfig) -> None:
+    """``index.shard`` is null, ``train`` or a shard number, and only for task=index of a sharded index."""
+    shards, on_disk = index_layout(cfg.index)
+    shard = cfg.index.get("shard")
+    if shard is None:
+        return
+    if cfg.task != "index":
+        raise ConfigError(f"index.shard={shard} applies to task=index only")
+    if not (shards > 1 or on_disk):
+        raise ConfigError(f"index.shard={shard} needs a sharded index (index.shards > 1 or index.on_disk=true)")
+    if shard != "train" and not (isinstance(shard, int) and 0 <= shard < shards):
+        raise ConfigError(f"index.shard must be null, train or 0..{shards - 1}, got {shard!r}")
+
+
 TASKS = {"eval": run_eval, "extract": run_extract, "index": run_index, "search": run_search}
 
 
@@ -408,5 +580,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         raise ConfigError(f"task must be one of {sorted(TASKS)}, got {cfg.task!r}")
     if int(cfg.extract.num_shards) != 1 and cfg.task != "extract":
         raise ConfigError(f"extract.num_shards={cfg.extract.num_shards} applies to task=extract only")
+    check_index_sharding(cfg)
     report = RunReport(run_dir, cfg)
     return TASKS[cfg.task](cfg, report)

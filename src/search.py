@@ -2,7 +2,9 @@
 
 The index holds one row per patch; ``patch_image[row]`` says which image a
 row belongs to. An image's score is the max over its patches of the
-similarity to the query, and the patch giving that max is its winner.
+similarity to the query, and the patch giving that max is its winner. The
+index's ids are the row numbers, or (sharded indices) ids that
+``row_of_id`` maps back to rows.
 """
 
 from __future__ import annotations
@@ -54,6 +56,16 @@ def similarity_from_distance(distances: np.ndarray, metric: str) -> np.ndarray:
     if metric == "L2":
         return (1.0 - d / 2.0).astype(np.float32)
     raise IndexConfigError(f"search: unknown metric {metric!r} (choose IP or L2)")
+
+
+def rows_of_ids(ids: np.ndarray) -> np.ndarray:
+    """Inverse of the index id of every row: ``row_of_id[id]`` is the row holding ``id``, -1 for none."""
+    ids = np.asarray(ids, dtype=np.int64)
+    row_of_id = np.full(int(ids.max()) + 1 if ids.size else 0, -1, dtype=np.int64)
+    row_of_id[ids] = np.arange(len(ids))
+    if ids.size and (ids.min() < 0 or np.count_nonzero(row_of_id >= 0) != len(ids)):
+        raise IndexConfigError("search: patch ids must be distinct and >= 0")
+    return row_of_id
 
 
 def _aggregate(
@@ -111,6 +123,7 @@ def search_images(
     k: int,
     metric: str | None = None,
     initial_factor: int = 4,
+    row_of_id: np.ndarray | None = None,
 ) -> ImageHits:
     """Top-``k`` images for each query (nq, d), scored by their best patch.
 
@@ -122,7 +135,8 @@ def search_images(
     return fewer images than exist; those are returned with a warning.
 
     ``metric`` defaults to the index's own; a different one is an error.
-    Ties keep the lower row id first. On a GPU index, searches with
+    ``row_of_id`` (from :func:`rows_of_ids`) maps the index's ids to rows
+    when they are not the row numbers. Ties keep the lower row first. On a GPU index, searches with
     ``kp > 2048`` (the GPU limit) run on a CPU copy of the index.
     """
     index_metric = metric_of(index)
@@ -163,8 +177,16 @@ def search_images(
             if not cpu_copy:
                 logger.info("search: k={} patches exceeds the GPU limit {}; using a CPU copy", kk, GPU_MAX_K)
                 cpu_copy.append(to_cpu(index))
-            return cpu_copy[0].search(x, kk)
-        return index.search(x, kk)
+            dist, ids = cpu_copy[0].search(x, kk)
+        else:
+            dist, ids = index.search(x, kk)
+        if row_of_id is None:
+            return dist, ids
+        known = (ids >= 0) & (ids < len(row_of_id))
+        rows = np.where(known, row_of_id[np.where(known, ids, 0)], -1)
+        if (rows[ids >= 0] < 0).any():
+            raise IndexConfigError("search: the index returned ids no gallery patch has; index and gallery table differ")
+        return dist, rows
 
     while True:
         dist, ids = knn(q[todo], kp)
