@@ -181,6 +181,12 @@ def index_layout(cfg: DictConfig) -> tuple[int, bool]:
     return shards, on_disk
 
 
+def is_sharded(cfg: DictConfig) -> bool:
+    """True when the index is built in shard files (``index.shards`` > 1 or ``index.on_disk``)."""
+    shards, on_disk = index_layout(cfg)
+    return shards > 1 or on_disk
+
+
 def patch_ids(patches: PatchFeatures, levels: list[int]) -> np.ndarray:
     """Id of every patch in a sharded index: ``image * P + slot``.
 
@@ -198,8 +204,7 @@ def patch_ids(patches: PatchFeatures, levels: list[int]) -> np.ndarray:
 
 def index_ids(cfg: DictConfig, patches: PatchFeatures, levels: list[int]) -> np.ndarray | None:
     """Index id of every row of ``patches``: :func:`patch_ids` when sharded, None (the row number) otherwise."""
-    shards, on_disk = index_layout(cfg)
-    return patch_ids(patches, levels) if shards > 1 or on_disk else None
+    return patch_ids(patches, levels) if is_sharded(cfg) else None
 
 
 @dataclass(frozen=True)
@@ -236,7 +241,7 @@ def index_files(cfg: DictConfig, model_fingerprint: dict, gallery: list[ImageRec
     stem = f"{name}.L{'-'.join(map(str, levels))}"
     populated_fields = {**train_fields, "levels": levels}
     shard_fields = {**populated_fields, "ids": "patch", "shards": shards}
-    if shards > 1 or on_disk:  # other ids, other files; a one-file index keeps its key
+    if is_sharded(cfg.index):  # other ids, other files; a one-file index keeps its key
         populated_fields = {**shard_fields, "on_disk": on_disk}
     return IndexFiles(trained=folder / f"{name}-{content_key(train_fields)}.trained.faiss", train_levels=train_levels,
                       populated=folder / f"{stem}-{content_key(populated_fields)}.populated.faiss",
@@ -302,7 +307,6 @@ def build_index(cfg: DictConfig, source: FeatureSource, gallery: list[ImageRecor
     dim = patches.dim
     use_gpu = _use_gpu(cfg)
     if not spec.needs_training():
-        index_layout(cfg.index)
         index = faiss_index.create_index(spec, dim)
         faiss_index.add_vectors(index, patches.vectors, 0)
         return faiss_index.to_device(index, use_gpu)
@@ -559,14 +563,14 @@ def run_search(cfg: DictConfig, report: RunReport) -> dict:
 
 def check_index_sharding(cfg: DictConfig) -> None:
     """``index.shard`` is null, ``train`` or a shard number, and only for task=index of a sharded index."""
-    shards, on_disk = index_layout(cfg.index)
-    shard = cfg.index.get("shard")
+    sharded, shard = is_sharded(cfg.index), cfg.index.get("shard")
     if shard is None:
         return
     if cfg.task != "index":
         raise ConfigError(f"index.shard={shard} applies to task=index only")
-    if not (shards > 1 or on_disk):
+    if not sharded:
         raise ConfigError(f"index.shard={shard} needs a sharded index (index.shards > 1 or index.on_disk=true)")
+    shards = int(cfg.index.shards)
     if shard != "train" and not (isinstance(shard, int) and 0 <= shard < shards):
         raise ConfigError(f"index.shard must be null, train or 0..{shards - 1}, got {shard!r}")
 
