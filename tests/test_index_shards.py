@@ -133,6 +133,14 @@ def test_memory_mapped_reads_give_the_same_results(built):
     assert_same_search(in_memory, built, row_of_id)
 
 
+def test_ids_the_gallery_table_lacks_are_an_error(built):
+    with pytest.raises(IndexConfigError, match="patch ids must be distinct"):
+        rows_of_ids(np.array([0, 5, 5]))
+    unknown = np.full_like(rows_of_ids(built["ids"]), -1)
+    with pytest.raises(IndexConfigError, match="ids no gallery patch has"):
+        search_images(built["merged"], built["queries"], built["patches"].image, 10, row_of_id=unknown)
+
+
 def test_moved_folder_and_copies_still_read(built, tmp_path):
     moved = tmp_path / "elsewhere"
     shutil.copytree(built["folder"] / "merged", moved)
