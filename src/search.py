@@ -61,9 +61,11 @@ def similarity_from_distance(distances: np.ndarray, metric: str) -> np.ndarray:
 def rows_of_ids(ids: np.ndarray) -> np.ndarray:
     """Inverse of the index id of every row: ``row_of_id[id]`` is the row holding ``id``, -1 for none."""
     ids = np.asarray(ids, dtype=np.int64)
+    if ids.size and ids.min() < 0:
+        raise IndexConfigError("search: patch ids must be distinct and >= 0")
     row_of_id = np.full(int(ids.max()) + 1 if ids.size else 0, -1, dtype=np.int64)
     row_of_id[ids] = np.arange(len(ids))
-    if ids.size and (ids.min() < 0 or np.count_nonzero(row_of_id >= 0) != len(ids)):
+    if np.count_nonzero(row_of_id >= 0) != len(ids):
         raise IndexConfigError("search: patch ids must be distinct and >= 0")
     return row_of_id
 
@@ -136,8 +138,9 @@ def search_images(
 
     ``metric`` defaults to the index's own; a different one is an error.
     ``row_of_id`` (from :func:`rows_of_ids`) maps the index's ids to rows
-    when they are not the row numbers. Ties keep the lower row first. On a GPU index, searches with
-    ``kp > 2048`` (the GPU limit) run on a CPU copy of the index.
+    when they are not the row numbers. Ties keep the lower row first. On a
+    GPU index, searches with ``kp > 2048`` (the GPU limit) run on a CPU copy
+    of the index.
     """
     index_metric = metric_of(index)
     if metric is not None and metric.upper() != index_metric:
