@@ -1,0 +1,108 @@
+"""Score pool-mode variants: one pooled pass per gallery image describes every pyramid cell
+at several output blocks at once; queries are described whole at one or more input sizes.
+
+    python scripts/sweep_pool.py --size 448 --method masked --split 0 --layers 8,9,10 --query-sizes 224
+    (trailing arguments are Hydra overrides, as for main.py: model=..., dataset.root=...)
+
+Uncached on purpose (each variant is a few minutes on the mini-ILIAS); exact search, L0..L3.
+Prints the gallery time and one markdown row per (block, query size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from src.console import setup_logging  # noqa: E402
+from src.extraction import PatchFeatures, _WholeImageDataset, token_cells  # noqa: E402
+from src.metrics import evaluate, resolve_iou_thresholds  # noqa: E402
+from src.model import load_model  # noqa: E402
+from src.pipeline import _sized, load_dataset, query_results  # noqa: E402
+from src.search import search_images  # noqa: E402
+
+LEVELS = [0, 1, 2, 3]
+
+
+def pooled_gallery(model, records, cells, split: int, method: str, layers: list[int], batch_size: int):
+    """Per layer (n_images * n_cells, d) vectors; the (image, box) of every row."""
+    rows, cols = model.encoder.backbone.patch_embed.grid_size
+    data = _WholeImageDataset(records, model.transform)
+    vectors: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
+    image, boxes, batch = [], [], []
+
+    def flush() -> None:
+        if batch:
+            for layer, out in zip(layers, model.encoder.describe_cells(torch.stack(batch), cells, split, method, layers)):
+                vectors[layer].append(out.reshape(-1, out.shape[-1]).numpy())
+            batch.clear()
+
+    for i in range(len(data)):
+        tensor, (w, h), error = data[i]
+        if error:
+            raise SystemExit(error)
+        batch.append(tensor)
+        for r0, r1, c0, c1 in cells:
+            boxes.append((c0 * w / cols, r0 * h / rows, (c1 - c0) * w / cols, (r1 - r0) * h / rows))
+            image.append(i)
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    return ({layer: np.concatenate(v) for layer, v in vectors.items()},
+            np.asarray(image, np.int64), np.asarray(boxes, np.float32))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=448, help="gallery input size (pyramid.pool_image_size)")
+    parser.add_argument("--method", default="split", choices=["split", "masked"])
+    parser.add_argument("--split", type=int, default=2, help="pyramid.pool_split_block")
+    parser.add_argument("--layers", default="8,9,10")
+    parser.add_argument("--query-sizes", default="224")
+    parser.add_argument("--batch-size", type=int, default=4)
+    args, overrides = parser.parse_known_args()
+    layers = [int(v) for v in args.layers.split(",")]
+    setup_logging(None)
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    dataset = load_dataset(cfg.dataset)
+    model = load_model(_sized(cfg.model, args.size), device=cfg.extract.device, precision=cfg.extract.precision)
+    rows, cols = model.encoder.backbone.patch_embed.grid_size
+    by_level = token_cells(rows, cols, LEVELS)
+    cells = [cell for level in LEVELS for cell in by_level[level]]
+    started = time.perf_counter()
+    gallery, image, boxes = pooled_gallery(model, dataset.gallery, cells, args.split, args.method, layers,
+                                           args.batch_size)
+    seconds = time.perf_counter() - started
+    print(f"\n{len(dataset.gallery)} gallery images at {args.size} px, {args.method} from block {args.split}: "
+          f"{seconds:.1f} s\n")
+    print("| method | size | split | block | query px | mAP@1k | LocScore@0.4 | LocScore avg | R@1 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for query_size in (int(v) for v in args.query_sizes.split(",")):
+        query_model = load_model(_sized(cfg.model, query_size), device=cfg.extract.device, precision=cfg.extract.precision)
+        data = _WholeImageDataset(dataset.queries, query_model.transform)
+        images = torch.stack([data[i][0] for i in range(len(data))]).to(query_model.device)
+        queries = query_model.encoder(images.half() if query_model.half else images, layers)
+        for layer, query in zip(layers, queries):
+            index = faiss.IndexFlatIP(gallery[layer].shape[1])
+            index.add(gallery[layer])
+            hits = search_images(index, query.float().cpu().numpy(), image, int(cfg.eval.k), metric="IP")
+            patches = PatchFeatures(gallery[layer], image, boxes, np.zeros(len(image), np.int8))
+            m = evaluate(query_results(dataset, hits, patches), k=int(cfg.eval.k),
+                         iou_thresholds=resolve_iou_thresholds(cfg.eval.iou_threshold))
+            print(f"| {args.method} | {args.size} | {args.split} | {layer} | {query_size} | {m['mAP']:.2f} | "
+                  f"{m['LocScore@0.4']:.2f} | {m['LocScore']:.2f} | {m['R@1']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
