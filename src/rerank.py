@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from loguru import logger
 from omegaconf import DictConfig
 from scipy import ndimage
+from tqdm import tqdm
 
 from .assets import pip_package, sha256_of
 from .cache import CacheError, atomic_write_text, content_key, load_arrays, save_arrays, sweep_temporaries
@@ -197,25 +198,24 @@ class WindowEncoder:
             missing = [w for w in windows if self.key(record, w) not in self.store]
             if missing:
                 todo.append((record, list({tuple(w): w for w in missing}.values())))
-        keys, crops, fresh = [], [], {}
+        keys, crops = [], []
 
-        def flush() -> None:
+        def flush() -> None:  # one cache chunk per flush: a killed run loses at most this much
             if crops:
                 vectors = torch.cat([encode(self.model, torch.stack(crops[i:i + self.batch_size]))[0]
                                      for i in range(0, len(crops), self.batch_size)]).numpy()
-                fresh.update({k: {"vector": v[None]} for k, v in zip(keys, vectors)})
+                self.store.put({k: {"vector": v[None]} for k, v in zip(keys, vectors)})
                 self.encoded += len(crops)
                 keys.clear(), crops.clear()
 
-        for record, windows in todo:
+        for record, windows in tqdm(todo, desc="refine windows", unit="img", dynamic_ncols=True, leave=False):
             image = load_image(record.path)
             for w in windows:
                 keys.append(self.key(record, w))
                 crops.append(self.model.transform(image.crop((int(w[0]), int(w[1]), int(w[0] + w[2]), int(w[1] + w[3])))))
-            if len(crops) >= 8 * self.batch_size:
+            if len(crops) >= 16 * self.batch_size:
                 flush()
         flush()
-        self.store.put(fresh)
 
     def scores(self, record: ImageRecord, windows: np.ndarray, query: np.ndarray) -> np.ndarray:
         return np.array([float(self.store.get(self.key(record, w))["vector"][0] @ query) for w in windows])
@@ -319,6 +319,12 @@ def project(h: np.ndarray, points: np.ndarray) -> np.ndarray:
     return p[:, :2] / np.where(np.abs(p[:, 2:]) < 1e-12, 1e-12, p[:, 2:])
 
 
+def fit_homography(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The homography (3, 3) mapping ``src`` (n >= 4, 2) onto ``dst`` in the least-squares sense."""
+    t_src, t_dst = _normaliser(src), _normaliser(dst)
+    return np.linalg.inv(t_dst) @ _homographies(project(t_src, src)[None], project(t_dst, dst)[None])[0] @ t_src
+
+
 def ransac_homography(src: np.ndarray, dst: np.ndarray, threshold: float, iterations: int,
                       seed: int = 0) -> tuple[np.ndarray | None, np.ndarray]:
     """Homography src -> dst by RANSAC (4-point samples, all hypotheses scored at once), refit on
@@ -355,10 +361,14 @@ def ransac_homography(src: np.ndarray, dst: np.ndarray, threshold: float, iterat
 
 
 def projected_box(h: np.ndarray, box: np.ndarray, width: int, height: int) -> np.ndarray | None:
-    """The box's corners through ``h``, boxed and clipped to the image; None when the projected
-    quadrilateral is not convex and consistently oriented (a degenerate fit) or leaves no area."""
+    """The box's corners through ``h``, boxed and clipped to the image; None for a degenerate fit
+    (a corner beyond the horizon, or a projected quadrilateral that is not convex) or no area left."""
     x, y, w, h_ = box
-    corners = project(h, np.array([[x, y], [x + w, y], [x + w, y + h_], [x, y + h_]], np.float64))
+    square = np.array([[x, y], [x + w, y], [x + w, y + h_], [x, y + h_]], np.float64)
+    depth = np.concatenate([square, np.ones((4, 1))], 1) @ h[2]
+    if not ((depth > 0).all() or (depth < 0).all()):  # the plane's horizon crosses the box
+        return None
+    corners = project(h, square)
     if not np.isfinite(corners).all():
         return None
     edges = np.roll(corners, -1, 0) - corners
