@@ -257,8 +257,7 @@ def rerank_hits(cfg: DictConfig, source: FeatureSource, dataset: Dataset, hits: 
     return rerank(cfg.rerank, queries=dataset.queries, gallery=dataset.gallery, hits=hits, patch_boxes=patches.boxes,
                   patch_vectors=patches.vectors, patch_image=patches.image, patch_level=patches.level,
                   query_vectors=queries.vectors, refine_model=refine_model,
-                  features_root=Path(cfg.paths.features) / "rerank", batch_size=int(cfg.extract.batch_size),
-                  crop_query=bool(cfg.query.crop_to_bbox))
+                  features_root=Path(cfg.paths.features) / "rerank", batch_size=int(cfg.extract.batch_size))
 
 
 def run_eval(cfg: DictConfig, report: RunReport) -> dict:

@@ -428,10 +428,9 @@ def _size(record: ImageRecord) -> tuple[int, int]:
 def rerank(cfg: DictConfig, *, queries: Sequence[ImageRecord], gallery: Sequence[ImageRecord], hits: ImageHits,
            patch_boxes: np.ndarray, patch_vectors: np.ndarray, patch_image: np.ndarray, patch_level: np.ndarray,
            query_vectors: np.ndarray, refine_model: Callable[[], LoadedModel] | None, features_root: Path,
-           batch_size: int, crop_query: bool = False) -> RerankResult:
+           batch_size: int) -> RerankResult:
     """Apply ``cfg`` (the ``rerank`` group) to ``hits``. ``refine_model()`` loads the encoder at
-    ``refine.image_size`` (called only when refine runs); caches live under ``features_root``;
-    ``crop_query``: queries are described by their box (``query.crop_to_bbox``)."""
+    ``refine.image_size`` (called only when refine runs); caches live under ``features_root``."""
     stage = str(cfg.stage)
     if stage not in STAGES:
         raise RerankConfigError(f"rerank.stage must be one of {STAGES}, got {stage!r}")
@@ -456,7 +455,7 @@ def rerank(cfg: DictConfig, *, queries: Sequence[ImageRecord], gallery: Sequence
     if stage in ("refine", "both"):
         started = time.perf_counter()
         encoded = _refine(cfg.refine, out, n, queries, gallery, size_of, patch_boxes, patch_vectors, patch_image,
-                          patch_level, query_vectors, refine_model, features_root, batch_size, crop_query)
+                          patch_level, query_vectors, refine_model, features_root, batch_size)
         seconds = time.perf_counter() - started
         timing["refine_ms_per_query"] = round(1000 * seconds / nq, 1)
         timing["refine_windows_encoded"] = encoded
@@ -476,8 +475,7 @@ def rerank(cfg: DictConfig, *, queries: Sequence[ImageRecord], gallery: Sequence
 
 
 def _refine(cfg: DictConfig, hits: ImageHits, n: int, queries, gallery, size_of, patch_boxes, patch_vectors,
-            patch_image, patch_level, query_vectors, refine_model, features_root: Path, batch_size: int,
-            crop_query: bool) -> int:
+            patch_image, patch_level, query_vectors, refine_model, features_root: Path, batch_size: int) -> int:
     """Replace the boxes of the top ``n`` in place; returns the number of windows encoded."""
     order = np.argsort(patch_image, kind="stable")
     starts = np.searchsorted(patch_image[order], np.arange(len(gallery) + 1))
@@ -500,8 +498,7 @@ def _refine(cfg: DictConfig, hits: ImageHits, n: int, queries, gallery, size_of,
     fingerprint = {"format": 1, "model": model.fingerprint}
     encoder = WindowEncoder(model, KeyedStore(Path(features_root) / f"windows-{content_key(fingerprint)}", fingerprint),
                             batch_size)
-    query_keys = [(q, _query_box(q, _size(q)) if crop_query else np.array([0, 0, *_size(q)], np.float64))
-                  for q in queries]
+    query_keys = [(q, _query_box(q, _size(q))) for q in queries]  # the object itself is the template
     encoder.describe({-1 - j: (q, [w]) for j, (q, w) in enumerate(query_keys)})
     qvecs = [encoder.store.get(encoder.key(q, w))["vector"][0] for q, w in query_keys]
     pairs = [(row, col) for row in range(nq) for col in range(search) if hits.images[row, col] >= 0]

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 from conftest import compose_config
-from fixtures import _background, _object
+from fixtures import _background
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -47,12 +47,12 @@ def _pyramid(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- refine
 
 def test_refine_finds_the_object_where_no_grid_cell_can(tmp_path):
-    rng = np.random.default_rng(0)
-    scene = _background(rng, 448, 448)
-    scene.paste(_object(rng, 3, 84), (100, 100))  # inside L3 cell (112..224)^2, off its centre
+    cat, = _photos("chelsea.png")
+    scene = _background(np.random.default_rng(0), 448, 448)
+    scene.paste(cat.resize((84, 84)), (100, 100))  # inside L3 cell (112..224)^2, off its centre
     truth = np.array([100, 100, 84, 84], np.float64)
     query = Image.new("RGB", (200, 200), (240, 240, 240))
-    query.paste(_object(rng, 3, 150), (25, 25))
+    query.paste(cat.resize((150, 150)), (25, 25))
     gallery = [_record(tmp_path / "scene.jpg", scene)]
     queries = [_record(tmp_path / "query.jpg", query, boxes=((25.0, 25.0, 150.0, 150.0),))]
     boxes, levels = _pyramid(448, 448)
