@@ -198,6 +198,8 @@ class WindowEncoder:
             missing = [w for w in windows if self.key(record, w) not in self.store]
             if missing:
                 todo.append((record, list({tuple(w): w for w in missing}.values())))
+        if not todo:
+            return
         keys, crops = [], []
 
         def flush() -> None:  # one cache chunk per flush: a killed run loses at most this much
