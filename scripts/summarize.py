@@ -2,6 +2,7 @@
 
     python scripts/summarize.py logs/quickstart/L3 logs/quickstart/L0
     python scripts/summarize.py --latest 6 --markdown
+    python scripts/summarize.py --rerank logs/table_rerank/*    # with the rerank stage's ms per query
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def main() -> None:
     parser.add_argument("--stage-times", type=Path, default=None,
                         help="run folder whose per-stage extraction times (a run that extracted every level "
                              "from an empty cache) give each row's extraction time: queries + its levels")
+    parser.add_argument("--rerank", action="store_true",
+                        help="markdown table with the rerank stage's milliseconds per query instead of extraction time")
     args = parser.parse_args()
     runs = list(args.runs)
     if args.latest:
@@ -37,6 +40,14 @@ def main() -> None:
         if not path.is_file():
             sys.exit(f"error: {path}: no metrics.json (did the run finish?)")
         rows.append((run.name, json.loads(path.read_text())))
+    if args.rerank:
+        print("| run | " + " | ".join(COLUMNS) + " | refine ms/query | verify ms/query |")
+        print("|---|" + "---:|" * (len(COLUMNS) + 2))
+        for name, m in rows:
+            timing = m.get("timing", {})
+            times = " | ".join(str(timing.get(f"{stage}_ms_per_query", "-")) for stage in ("refine", "verify"))
+            print(f"| {name} | " + " | ".join(f"{m[c]:.2f}" for c in COLUMNS) + f" | {times} |")
+        return
     if not args.markdown:
         print(metrics_table(rows))
         return

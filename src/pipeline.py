@@ -25,6 +25,7 @@ from .extraction import (ExtractStats, FeatureStore, PatchFeatures, describe_ima
 from .metrics import QueryResult, evaluate, resolve_iou_thresholds
 from .model import LoadedModel, load_model
 from .pyramid import MAX_LEVEL, levels_for, patches_per_image
+from .rerank import rerank
 from .report import RunReport
 from .search import ImageHits, rows_of_ids, search_images
 
@@ -349,15 +350,32 @@ def query_results(dataset: Dataset, hits: ImageHits, patches: PatchFeatures) -> 
     for row, query in enumerate(dataset.queries):
         valid = hits.images[row] >= 0
         images, winners = hits.images[row][valid], hits.patches[row][valid]
+        boxes = patches.boxes[winners] if hits.boxes is None else hits.boxes[row][valid]
         positives = dataset.positives_of(query.instance)
         results.append(QueryResult(
             query_id=query.id,
             ranked_ids=[gallery[i].id for i in images],
-            ranked_boxes=patches.boxes[winners].astype(np.float64).reshape(-1, 4),
+            ranked_boxes=boxes.astype(np.float64).reshape(-1, 4),
             positives=positives,
             positive_scales={pid: scale_of[pid] for pid in positives},
         ))
     return results
+
+
+def rerank_hits(cfg: DictConfig, source: FeatureSource, dataset: Dataset, hits: ImageHits, patches: PatchFeatures,
+                queries: PatchFeatures):
+    """The ``rerank`` stage (src/rerank.py) on search's hits: tighter boxes and/or verified re-ranking."""
+    size = int(cfg.rerank.refine.image_size)
+
+    def refine_model() -> LoadedModel:
+        if size in (0, source.model.input_size):
+            return source.model
+        return load_model(_sized(cfg.model, size), device=cfg.extract.device, precision=cfg.extract.precision)
+
+    return rerank(cfg.rerank, queries=dataset.queries, gallery=dataset.gallery, hits=hits, patch_boxes=patches.boxes,
+                  patch_vectors=patches.vectors, patch_image=patches.image, patch_level=patches.level,
+                  query_vectors=queries.vectors, refine_model=refine_model,
+                  features_root=Path(cfg.paths.features) / "rerank", batch_size=int(cfg.extract.batch_size))
 
 
 def run_eval(cfg: DictConfig, report: RunReport) -> dict:
@@ -381,13 +399,15 @@ def run_eval(cfg: DictConfig, report: RunReport) -> dict:
     search_seconds = time.perf_counter() - started
     logger.info(f"search: {len(queries.vectors):,} queries over {len(gallery.vectors):,} patches of "
                 f"{len(dataset.gallery):,} images (index + search) in {search_seconds:.2f} s")
+    reranked = rerank_hits(cfg, source, dataset, hits, gallery, queries)
+    hits = reranked.hits
     results = query_results(dataset, hits, gallery)
     metrics = evaluate(results, k=k, iou_thresholds=resolve_iou_thresholds(cfg.eval.iou_threshold),
                        metrics=tuple(m.lower() for m in cfg.eval.metrics))
     totals = source.totals()
     metrics["timing"] = {"extract_s": totals["seconds"],
                          "extract_s_by_stage": {s.desc: round(s.seconds, 2) for s in source.stats if s.extracted},
-                         "index_and_search_s": round(search_seconds, 2)}
+                         "index_and_search_s": round(search_seconds, 2), **reranked.timing}
     metrics["counts"] = {"queries": len(dataset.queries), "gallery_images": len(dataset.gallery),
                          "gallery_patches": int(len(gallery.vectors)), "levels": levels,
                          "extracted_images": totals["extracted"], "reused_images": totals["reused"],
