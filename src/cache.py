@@ -91,3 +91,19 @@ def sweep_temporaries(folder: Path) -> None:
     if Path(folder).is_dir():
         for leftover in Path(folder).glob(".*.tmp-*"):
             leftover.unlink(missing_ok=True)
+
+
+def open_cache_folder(folder: Path, fingerprint: dict) -> None:
+    """Create ``folder`` with a ``meta.json`` of ``fingerprint``, or check that an existing one
+    matches (CacheError, one line, otherwise); sweep temporaries a killed writer left."""
+    meta = Path(folder) / "meta.json"
+    if meta.exists():
+        try:
+            stored = json.loads(meta.read_text())
+        except ValueError:
+            raise CacheError(f"{meta}: corrupt cache metadata; delete {folder} to rebuild") from None
+        if stored != json.loads(json.dumps(fingerprint)):
+            raise CacheError(f"{meta}: stale cache (built with other settings); delete {folder} to rebuild")
+    else:
+        atomic_write_text(meta, json.dumps(fingerprint, indent=1, sort_keys=True))
+    sweep_temporaries(Path(folder))

@@ -18,7 +18,6 @@ reused when its id *and* signature are found, so
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
-from .cache import CacheError, atomic_write_text, content_key, load_arrays, save_arrays, sweep_temporaries
+from .cache import CacheError, content_key, load_arrays, open_cache_folder, save_arrays
 from .data import DataError, ImageRecord, load_image
 from .model import LoadedModel, encode
 from .pyramid import grid_edges, level_boxes
@@ -86,17 +85,7 @@ class FeatureStore:
 
     def open(self) -> None:
         """Create the folder with its meta file, or check that an existing one matches."""
-        meta = self.folder / "meta.json"
-        if meta.exists():
-            try:
-                stored = json.loads(meta.read_text())
-            except ValueError:
-                raise CacheError(f"{meta}: corrupt cache metadata; delete {self.folder} to rebuild") from None
-            if stored != json.loads(json.dumps(self.fingerprint)):
-                raise CacheError(f"{meta}: stale cache (built with other settings); delete {self.folder} to rebuild")
-        else:
-            atomic_write_text(meta, json.dumps(self.fingerprint, indent=1, sort_keys=True))
-        sweep_temporaries(self.folder)
+        open_cache_folder(self.folder, self.fingerprint)
 
     def chunk_paths(self) -> list[Path]:
         """Chunk files, oldest first (so a re-extracted image's newer entry wins)."""

@@ -27,7 +27,6 @@ so a second run computes nothing. Per-query milliseconds of each stage go to met
 from __future__ import annotations
 
 import importlib.util
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from .assets import pip_package, sha256_of
-from .cache import CacheError, atomic_write_text, content_key, load_arrays, save_arrays, sweep_temporaries
+from .cache import CacheError, content_key, load_arrays, open_cache_folder, save_arrays
 from .data import ImageRecord, load_image
 from .model import LoadedModel, encode
 from .search import ImageHits
@@ -67,17 +66,7 @@ class KeyedStore:
 
     def __init__(self, folder: Path, fingerprint: dict):
         self.folder, self.fingerprint = Path(folder), fingerprint
-        meta = self.folder / "meta.json"
-        if meta.exists():
-            try:
-                stored = json.loads(meta.read_text())
-            except ValueError:
-                raise CacheError(f"{meta}: corrupt cache metadata; delete {self.folder} to rebuild") from None
-            if stored != json.loads(json.dumps(fingerprint)):
-                raise CacheError(f"{meta}: stale cache (built with other settings); delete {self.folder} to rebuild")
-        else:
-            atomic_write_text(meta, json.dumps(fingerprint, indent=1, sort_keys=True))
-        sweep_temporaries(self.folder)
+        open_cache_folder(self.folder, fingerprint)
         self._rows: dict[str, dict[str, np.ndarray]] = {}
         for path in sorted(self.folder.glob("chunk-*.npz"), key=lambda p: (p.stat().st_mtime_ns, p.name)):
             try:
