@@ -43,3 +43,14 @@ def warnings_log() -> list[str]:
     sink = logger.add(lambda m: messages.append(m.record["message"]), level="WARNING")
     yield messages
     logger.remove(sink)
+
+
+@pytest.fixture(scope="module")
+def faiss_single_thread():
+    """One FAISS thread: k-means on a busy 2-core box is faster and steadier so."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)

@@ -52,13 +52,7 @@ def top1_and_recall(found: np.ndarray, truth: np.ndarray) -> tuple[float, float]
     return top1, recall
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One FAISS thread: k-means on a busy 2-core box is faster and steadier so."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("faiss_single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ D, LEVELS, IMAGES = 32, [0, 1, 2], 300
 SPEC = IndexSpec("ivfpq", m=8, nlist=16, nbits=6, nprobe=6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One FAISS thread: k-means on a busy 2-core box is faster and steadier so."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("faiss_single_thread")
 
 
 def gallery_patches(seed: int = 0, unreadable: tuple[int, ...] = (3, 150, 151)) -> PatchFeatures:
