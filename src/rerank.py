@@ -43,6 +43,7 @@ from tqdm import tqdm
 from .assets import pip_package, sha256_of
 from .cache import CacheError, content_key, load_arrays, open_cache_folder, save_arrays
 from .data import ImageRecord, load_image
+from .extraction import PatchTransform
 from .model import LoadedModel, encode
 from .search import ImageHits
 
@@ -174,6 +175,7 @@ class WindowEncoder:
 
     def __init__(self, model: LoadedModel, store: KeyedStore, batch_size: int):
         self.model, self.store, self.batch_size = model, store, batch_size
+        self.transform = PatchTransform(model.data_config)  # all windows of an image as one batch
         self.encoded = 0
 
     @staticmethod
@@ -201,9 +203,9 @@ class WindowEncoder:
 
         for record, windows in tqdm(todo, desc="refine windows", unit="img", dynamic_ncols=True, leave=False):
             image = load_image(record.path)
-            for w in windows:
-                keys.append(self.key(record, w))
-                crops.append(self.model.transform(image.crop((int(w[0]), int(w[1]), int(w[0] + w[2]), int(w[1] + w[3])))))
+            corners = np.array([[int(w[0]), int(w[1]), int(w[0] + w[2]), int(w[1] + w[3])] for w in windows])
+            keys.extend(self.key(record, w) for w in windows)
+            crops.extend(self.transform(image, np.concatenate([corners[:, :2], corners[:, 2:] - corners[:, :2]], 1)))
             if len(crops) >= 16 * self.batch_size:
                 flush()
         flush()
