@@ -9,6 +9,13 @@ by an :class:`IndexSpec`, which maps one to one onto a FAISS factory string:
 - ``ivfpq``: ``IVF{nlist},PQ{m}x{nbits}``, inverted file over PQ-coded
   residuals, ``nprobe`` lists visited per query (``nprobe == nlist`` visits all).
 
+A quantised index may carry a refine stage (``refine``: ``SQ8``, ``SQfp16`` or
+``Flat``; factory suffix ``,Refine(...)``): every vector is also stored with
+finer codes, and a search re-scores the ``k_factor * k`` best PQ candidates
+with them. It buys back PQ's loss for ``d`` (SQ8), ``2d`` or ``4d`` bytes
+per vector (docs/BENCHMARKS.md). The refine codes are kept by row number, in
+memory, so a refined index is neither sharded nor on disk.
+
 ``metric`` is ``IP`` (inner product, higher is better) or ``L2`` (FAISS
 returns *squared* L2 distances, lower is better).
 
@@ -34,6 +41,8 @@ from faiss.contrib.ondisk import merge_ondisk
 from loguru import logger
 
 KINDS = ("flat", "pq", "ivfpq")
+#: Refine stages (FAISS ``Refine(...)`` factory names; bytes per vector: d, 2d, 4d).
+REFINES = ("none", "SQ8", "SQfp16", "Flat")
 METRICS = {"IP": faiss.METRIC_INNER_PRODUCT, "L2": faiss.METRIC_L2}
 
 #: FAISS's k-means needs this many points per centroid to be well trained
@@ -55,9 +64,10 @@ class IndexConfigError(ValueError):
 class IndexSpec:
     """What index to build. ``nprobe`` is a search-time setting (IVF only).
 
-    ``m``, ``nbits`` apply to ``pq`` and ``ivfpq``; ``nlist``, ``nprobe`` to
-    ``ivfpq``. ``kind`` and ``metric`` are normalised (``"IVFPQ"`` ->
-    ``"ivfpq"``, ``"ip"`` -> ``"IP"``).
+    ``m``, ``nbits``, ``refine`` apply to ``pq`` and ``ivfpq``; ``nlist``,
+    ``nprobe`` to ``ivfpq``; ``k_factor`` (candidates re-scored per result) to
+    a refined index. ``kind``, ``metric`` and ``refine`` are normalised
+    (``"IVFPQ"`` -> ``"ivfpq"``, ``"ip"`` -> ``"IP"``, ``"sq8"`` -> ``"SQ8"``).
     """
 
     kind: str
@@ -66,17 +76,28 @@ class IndexSpec:
     nbits: int = 8
     nprobe: int = 256
     metric: str = "IP"
+    refine: str = "none"
+    k_factor: float = 4.0
 
     def __post_init__(self) -> None:
         kind, metric = str(self.kind).lower(), str(self.metric).upper()
+        refine = {r.lower(): r for r in REFINES}.get(str(self.refine if self.refine else "none").lower())
         if kind not in KINDS:
             raise IndexConfigError(f"index: unknown kind {self.kind!r} (choose one of {', '.join(KINDS)})")
         if metric not in METRICS:
             raise IndexConfigError(f"index: unknown metric {self.metric!r} (choose IP or L2)")
+        if refine is None:
+            raise IndexConfigError(f"index: unknown refine {self.refine!r} (choose one of {', '.join(REFINES)})")
         object.__setattr__(self, "kind", kind)
         object.__setattr__(self, "metric", metric)
+        object.__setattr__(self, "refine", refine)
         if kind == "flat":
+            if refine != "none":
+                raise IndexConfigError(f"index: refine={refine} needs a quantised index (kind=pq or ivfpq); "
+                                       "flat is exact already")
             return
+        if not self.k_factor >= 1:
+            raise IndexConfigError(f"index: refine k_factor={self.k_factor} must be >= 1")
         if not 1 <= self.nbits <= 16:
             raise IndexConfigError(f"index: pq nbits={self.nbits} must be in 1..16")
         if self.m < 1:
@@ -96,18 +117,20 @@ class IndexSpec:
         if d % self.m:
             raise IndexConfigError(f"index: pq m={self.m} does not divide feature dimension {d}")
         pq = f"PQ{self.m}x{self.nbits}"
-        return pq if self.kind == "pq" else f"IVF{self.nlist},{pq}"
+        base = pq if self.kind == "pq" else f"IVF{self.nlist},{pq}"
+        return base if self.refine == "none" else f"{base},Refine({self.refine})"
 
     def needs_training(self) -> bool:
         """True for quantised indices (``pq``, ``ivfpq``)."""
         return self.kind != "flat"
 
     def slug(self, d: int) -> str:
-        """Readable file-name part, e.g. ``"IVF256_PQ16x8.d384.IP"``.
+        """Readable file-name part, e.g. ``"IVF256_PQ16x8.d384.IP"`` or ``"PQ16x8_RefineSQ8.d384.IP"``.
 
-        ``nprobe`` is left out: it changes the search, not the file.
+        ``nprobe`` and ``k_factor`` are left out: they change the search, not the file.
         """
-        return f"{self.factory_string(d).replace(',', '_')}.d{d}.{self.metric}"
+        name = self.factory_string(d).replace(",", "_").replace("(", "").replace(")", "")
+        return f"{name}.d{d}.{self.metric}"
 
 
 def check_training_size(spec: IndexSpec, n_train: int) -> None:
@@ -143,11 +166,29 @@ def create_index(spec: IndexSpec, d: int) -> faiss.Index:
     uses it.
     """
     index = faiss.index_factory(d, spec.factory_string(d), METRICS[spec.metric])
-    if hasattr(index, "do_polysemous_training"):
-        index.do_polysemous_training = False
-    if spec.kind == "ivfpq":
-        set_nprobe(index, spec.nprobe)
+    quantised = quantised_part(index)
+    if hasattr(quantised, "do_polysemous_training"):
+        quantised.do_polysemous_training = False
+    set_search_params(index, spec)
     return index
+
+
+def quantised_part(index: faiss.Index) -> faiss.Index:
+    """The PQ or IVF-PQ index itself: ``index``, or the base of a refined index."""
+    refine = faiss.downcast_index(index) if not is_gpu_index(index) else index
+    return faiss.downcast_index(refine.base_index) if isinstance(refine, faiss.IndexRefine) else index
+
+
+def is_refined(index: faiss.Index) -> bool:
+    """True when ``index`` re-scores its candidates with a refine stage (``IndexRefine``)."""
+    return not is_gpu_index(index) and isinstance(faiss.downcast_index(index), faiss.IndexRefine)
+
+
+def set_search_params(index: faiss.Index, spec: IndexSpec) -> None:
+    """Apply the search-time settings of ``spec``: ``nprobe`` (IVF) and ``k_factor`` (refined index)."""
+    set_nprobe(index, spec.nprobe)
+    if is_refined(index):
+        faiss.downcast_index(index).k_factor = float(spec.k_factor)
 
 
 def _as_matrix(vectors: np.ndarray, d: int) -> np.ndarray:
@@ -182,7 +223,7 @@ def train_index(
     ivf = index if is_gpu_index(index) else faiss.try_extract_index_ivf(index)
     if getattr(ivf, "cp", None) is not None:  # IVF coarse quantizer (CPU or GPU)
         ivf.cp.seed = seed
-    pq = getattr(ivf if ivf is not None else index, "pq", None)
+    pq = getattr(ivf if ivf is not None else quantised_part(index), "pq", None)
     if pq is not None:
         pq.cp.seed = seed
     logger.info("index: training {} on {} vectors", spec.factory_string(index.d), len(x))
@@ -489,7 +530,7 @@ def _gpu_res():
 
 
 def to_device(index: faiss.Index, use_gpu: bool) -> faiss.Index:
-    """``index`` on GPU 0 when asked and possible, else on CPU.
+    """``index`` on GPU 0 when asked and possible, else on CPU (always for on-disk and refined indices).
 
     GPU FAISS has no plain PQ index and limits IVF-PQ (``nbits == 8``, some
     code sizes, lookup tables in shared memory); a failed copy is retried with
@@ -501,6 +542,9 @@ def to_device(index: faiss.Index, use_gpu: bool) -> faiss.Index:
         return index
     if is_on_disk(index):
         logger.info("index: on-disk inverted lists are searched memory-mapped, on CPU")
+        return index
+    if is_refined(index):
+        logger.info("index: a refined index (IndexRefine) is searched on CPU; GPU FAISS has no refine stage")
         return index
     if not gpu_available():
         logger.warning("index: GPU requested but FAISS sees none; searching on CPU")

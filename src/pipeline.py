@@ -149,7 +149,8 @@ def make_feature_source(cfg: DictConfig) -> FeatureSource:
 def index_spec(cfg: DictConfig) -> faiss_index.IndexSpec:
     return faiss_index.IndexSpec(kind=cfg.kind, m=int(cfg.get("m", 16)), nlist=int(cfg.get("nlist", 256)),
                                  nbits=int(cfg.get("nbits", 8)), nprobe=int(cfg.get("nprobe", 256)),
-                                 metric=str(cfg.metric))
+                                 metric=str(cfg.metric), refine=str(cfg.get("refine", "none")),
+                                 k_factor=float(cfg.get("k_factor", 4)))
 
 
 def training_levels(train_level: int, indexed_levels: list[int]) -> list[int]:
@@ -179,6 +180,11 @@ def index_layout(cfg: DictConfig) -> tuple[int, bool]:
     if (shards > 1 or on_disk) and str(cfg.kind).lower() != "ivfpq":
         raise faiss_index.IndexConfigError(f"index: shards={shards} and on_disk={str(on_disk).lower()} need "
                                            f"kind=ivfpq (inverted lists), got kind={cfg.kind}")
+    refine = str(cfg.get("refine", "none"))
+    if (shards > 1 or on_disk) and refine.lower() != "none":
+        raise faiss_index.IndexConfigError(f"index: refine={refine} keeps its codes in memory by row number, so it "
+                                           f"cannot be sharded or on disk (shards={shards}, on_disk="
+                                           f"{str(on_disk).lower()}); use refine=none or shards=1 on_disk=false")
     return shards, on_disk
 
 
@@ -391,7 +397,7 @@ def run_eval(cfg: DictConfig, report: RunReport) -> dict:
     gallery = source.features(dataset.gallery, levels, desc="gallery")
     started = time.perf_counter()
     index = build_index(cfg, source, dataset.gallery, gallery, levels)
-    faiss_index.set_nprobe(index, int(cfg.index.get("nprobe", 1)))
+    faiss_index.set_search_params(index, index_spec(cfg.index))
     k = int(cfg.eval.k)
     ids = index_ids(cfg.index, gallery, levels)
     hits = search_images(index, queries.vectors, gallery.image, k, metric=str(cfg.index.metric),
@@ -551,7 +557,7 @@ def run_search(cfg: DictConfig, report: RunReport) -> dict:
     row_of_id = rows_of_ids(gallery["patch_ids"]) if "patch_ids" in gallery else None
     if index.d != source.model.dim:
         raise CacheError(f"{folder / 'index.faiss'}: index dimension {index.d} does not match the model's {source.model.dim}")
-    faiss_index.set_nprobe(index, int(cfg.index.get("nprobe", 1)))
+    faiss_index.set_search_params(index, index_spec(cfg.index))
     records = [ImageRecord(id=str(p), path=p) for p in _query_paths(cfg.query.path)]
     k = int(cfg.query.top_k)
     output = []

@@ -127,6 +127,18 @@ def test_train_level_selects_training_vectors(smoke_overrides, tmp_path, monkeyp
     assert 0 <= metrics["mAP"] <= 100
 
 
+def test_refine_stage_with_the_whole_shortlist_gives_flat_results(smoke_overrides, tmp_path):
+    """index.refine=Flat re-scores PQ's shortlist with the float vectors: a shortlist of every patch is exact."""
+    exact = _run(smoke_overrides + ["pyramid.level=1"], tmp_path / "flat")
+    pq = smoke_overrides + ["pyramid.level=1", "index=pq", "index.m=8", "index.nbits=4"]
+    refined = _run(pq + ["index.refine=Flat", "index.k_factor=1000"], tmp_path / "refined")
+    for key in ("mAP", "LocScore", "R@1"):
+        assert refined[key] == pytest.approx(exact[key]), key
+    assert [p.name for p in (tmp_path / "indices").glob("*RefineFlat*.populated.faiss")]
+    plain = _run(pq, tmp_path / "plain")  # another index file; the refined one is not reused for it
+    assert len(list((tmp_path / "indices").glob("*.populated.faiss"))) == 2 and 0 <= plain["mAP"] <= 100
+
+
 def test_missing_dataset_is_one_line_error(smoke_overrides, tmp_path):
     with pytest.raises(DataError, match="dataset folder not found"):
         _run(smoke_overrides + [f"dataset.root={tmp_path / 'nowhere'}"], tmp_path / "run")
