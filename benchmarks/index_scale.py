@@ -663,6 +663,79 @@ def cmd_run(args: argparse.Namespace) -> None:
     cmd_report(argparse.Namespace(files=[str(out / "results.jsonl")]))
 
 
+# ----------------------------------------------------------------------------- probe (IVF probing loss only)
+
+def cmd_probe(args: argparse.Namespace) -> None:
+    """IVF's probing loss with exact distances, for sizes whose full IVF-PQ build is out of reach.
+
+    Trains the coarse quantizer exactly as ``run`` does (same ``IVF{nlist}`` k-means, seed and
+    sample, the head of the same stream) and computes the exact top-100 by streaming, but
+    encodes nothing: only the 100 true neighbours of each query are assigned to their lists
+    (in a second pass over the stream). The recall@100 of an IVF with exact distances at
+    nprobe p is then the share of true neighbours whose list is among the query's p nearest
+    lists; ``nprobe95_flat`` is the smallest p reaching 0.95. ``run`` measures the IVF-PQ's own
+    nprobe95 where it can build, so the two can be compared at the same sizes.
+    """
+    args.threads = args.threads or len(os.sched_getaffinity(0))
+    faiss.omp_set_num_threads(args.threads)
+    gen = Synthetic(Path(args.stats), seed=args.seed, threads=args.threads)
+    queries = np.ascontiguousarray(np.concatenate([gen.queries(args.queries), gen.real_queries]), dtype=np.float32)
+    n_syn = args.queries
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {machine()}; threads {args.threads}; {n_syn} synthetic + {len(gen.real_queries)} real queries",
+          flush=True)
+    for images in args.images:
+        t_start = time.perf_counter()
+        n = images * PATCHES
+        nlist = nlist_for(n)
+        n_train = train_size(n, nlist)
+        print(f"\n=== probe {images:,} images = {n:,} vectors: IVF{nlist}, train on {n_train:,}", flush=True)
+        ivf = faiss.index_factory(D, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)  # an IndexIVFFlat
+        ivf.cp.seed = 1234
+        t0 = time.perf_counter()
+        ivf.train(gen.head(n_train, args.chunk_blocks))   # the coarse k-means of run's IVF-PQ, same sample and seed
+        train_s = time.perf_counter() - t0
+        quantizer = ivf.quantizer
+        _, order = quantizer.search(queries, nlist)        # every list, nearest first, per query
+        rank_of_list = np.empty_like(order)
+        rank_of_list[np.arange(len(queries))[:, None], order] = np.arange(nlist)[None, :]
+        heap = faiss.ResultHeap(len(queries), K, keep_max=True)
+        t0 = time.perf_counter()
+        for start, x in gen.chunks(n, args.chunk_blocks):
+            sims, ids = faiss.knn(queries, x, K, metric=faiss.METRIC_INNER_PRODUCT)
+            heap.add_result(sims, ids + start)
+        heap.finalize()
+        gt = heap.I
+        gt_s = time.perf_counter() - t0
+        wanted = np.unique(gt)
+        list_of = np.full(len(wanted), -1, np.int64)
+        for start, x in gen.chunks(n, args.chunk_blocks):  # second pass: the true neighbours' lists
+            lo, hi = np.searchsorted(wanted, [start, start + len(x)])
+            if hi > lo:
+                list_of[lo:hi] = quantizer.search(x[wanted[lo:hi] - start], 1)[1][:, 0]
+        ranks = rank_of_list[np.arange(len(queries))[:, None], list_of[np.searchsorted(wanted, gt)]]
+        grid = [1 << i for i in range(int(np.log2(nlist)) + 1)]
+
+        def summary(r: np.ndarray) -> dict:
+            flat = np.sort(r.reshape(-1))
+            return {"recall_by_nprobe": {p: float(np.mean(r < p)) for p in grid},
+                    "nprobe95_flat": int(flat[int(np.ceil(0.95 * flat.size)) - 1] + 1),
+                    "nprobe95_flat_pow2": next(p for p in grid if np.mean(r < p) >= 0.95)}
+
+        result = {"images": images, "vectors": n, "nlist": nlist, "n_train": n_train, "machine": machine(),
+                  "threads": args.threads, "queries_synthetic": n_syn, "queries_real": len(queries) - n_syn,
+                  "train_s": train_s, "exact_gt_s": gt_s, "all": summary(ranks), "synthetic": summary(ranks[:n_syn]),
+                  "real": summary(ranks[n_syn:]), "wall_s": time.perf_counter() - t_start,
+                  "command": " ".join(sys.argv)}
+        with open(out / "probe.jsonl", "a") as f:
+            f.write(json.dumps(result) + "\n")
+        a = result["all"]
+        print(f"  train {train_s:.0f} s, ground truth {gt_s:.0f} s; nprobe95 (exact distances) {a['nprobe95_flat']} "
+              f"(grid {a['nprobe95_flat_pow2']}); recall by nprobe: "
+              + ", ".join(f"{p}: {v:.3f}" for p, v in a["recall_by_nprobe"].items()), flush=True)
+
+
 # ----------------------------------------------------------------------------- scan (structure only)
 
 def cmd_scan(args: argparse.Namespace) -> None:
@@ -831,6 +904,14 @@ def main() -> None:
     scan.add_argument("--single-max-nprobe", type=int, default=2048)
     scan.add_argument("--workdir", default=None)
     scan.add_argument("--out", default=str(ROOT / ".bench" / "index_scale"))
+    probe = sub.add_parser("probe", help="IVF probing loss with exact distances (no encoding)")
+    probe.add_argument("--stats", default=str(ROOT / ".bench" / "feature_stats.npz"))
+    probe.add_argument("--images", type=int, nargs="+", default=[10_000, 100_000, 300_000, 1_000_000])
+    probe.add_argument("--queries", type=int, default=200, help="synthetic queries (the real ones come on top)")
+    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument("--threads", type=int, default=0)
+    probe.add_argument("--chunk-blocks", type=int, default=4)
+    probe.add_argument("--out", default=str(ROOT / ".bench" / "index_scale"))
     report = sub.add_parser("report", help="tables from results.jsonl files")
     report.add_argument("files", nargs="+")
     rss = sub.add_parser("rss")
@@ -839,7 +920,7 @@ def main() -> None:
     if overrides and args.command != "fit":
         parser.error(f"unknown arguments {overrides}")
     {"fit": lambda: cmd_fit(args, overrides), "run": lambda: cmd_run(args), "report": lambda: cmd_report(args),
-     "rss": lambda: cmd_rss(args), "scan": lambda: cmd_scan(args)}[args.command]()
+     "rss": lambda: cmd_rss(args), "scan": lambda: cmd_scan(args), "probe": lambda: cmd_probe(args)}[args.command]()
 
 
 if __name__ == "__main__":
