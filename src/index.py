@@ -544,7 +544,7 @@ def to_device(index: faiss.Index, use_gpu: bool) -> faiss.Index:
         logger.info("index: on-disk inverted lists are searched memory-mapped, on CPU")
         return index
     if is_refined(index):
-        logger.info("index: a refined index (IndexRefine) is searched on CPU; GPU FAISS has no refine stage")
+        logger.info("index: a refined index (IndexRefine) is searched on CPU (its GPU copy is not supported here)")
         return index
     if not gpu_available():
         logger.warning("index: GPU requested but FAISS sees none; searching on CPU")
