@@ -34,7 +34,8 @@ from src.search import search_images  # noqa: E402
 LEVELS = [0, 1, 2, 3]
 
 
-def pooled_gallery(model, records, cells, split: int, method: str, layers: list[int], batch_size: int):
+def pooled_gallery(model, records, cells, split: int, method: str, layers: list[int], batch_size: int,
+                   cell_pos: str | None = None):
     """Per layer (n_images * n_cells, d) vectors; the (image, box) of every row."""
     rows, cols = model.encoder.backbone.patch_embed.grid_size
     data = _WholeImageDataset(records, model.transform)
@@ -43,7 +44,8 @@ def pooled_gallery(model, records, cells, split: int, method: str, layers: list[
 
     def flush() -> None:
         if batch:
-            for layer, out in zip(layers, model.encoder.describe_cells(torch.stack(batch), cells, split, method, layers)):
+            for layer, out in zip(layers, model.encoder.describe_cells(torch.stack(batch), cells, split, method, layers,
+                                                                                   cell_pos)):
                 vectors[layer].append(out.reshape(-1, out.shape[-1]).numpy())
             batch.clear()
 
@@ -67,6 +69,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=448, help="gallery input size (pyramid.pool_image_size)")
     parser.add_argument("--method", default="split", choices=["split", "masked"])
     parser.add_argument("--split", type=int, default=2, help="pyramid.pool_split_block")
+    parser.add_argument("--cell-pos", default=None, choices=["local", "global"],
+                        help="pyramid.pool_cell_pos (default: local for split, global for masked)")
     parser.add_argument("--layers", default="8,9,10")
     parser.add_argument("--query-sizes", default="224")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -82,9 +86,10 @@ def main() -> None:
     cells = [cell for level in LEVELS for cell in by_level[level]]
     started = time.perf_counter()
     gallery, image, boxes = pooled_gallery(model, dataset.gallery, cells, args.split, args.method, layers,
-                                           args.batch_size)
+                                           args.batch_size, args.cell_pos)
     seconds = time.perf_counter() - started
-    print(f"\n{len(dataset.gallery)} gallery images at {args.size} px, {args.method} from block {args.split}: "
+    print(f"\n{len(dataset.gallery)} gallery images at {args.size} px, {args.method} from block {args.split}, "
+          f"cell positions {args.cell_pos or 'default'}: "
           f"{seconds:.1f} s\n")
     print("| method | size | split | block | query px | mAP@1k | LocScore@0.4 | LocScore avg | R@1 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")

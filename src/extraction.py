@@ -336,7 +336,7 @@ class _WholeImageDataset(TorchDataset):
 
 
 def extract_pooled(stores: dict[int, FeatureStore], records: Sequence[ImageRecord], model: LoadedModel, *,
-                   split_block: int, method: str = "split", batch_size: int, num_workers: int,
+                   split_block: int, method: str = "split", cell_pos: str | None = None, batch_size: int, num_workers: int,
                    chunk_size: int, desc: str = "extract") -> ExtractStats:
     """Pool mode: every level's cells of an image from ONE encoder pass (``Encoder.describe_cells``).
 
@@ -362,7 +362,7 @@ def extract_pooled(stores: dict[int, FeatureStore], records: Sequence[ImageRecor
         if images:
             batch = torch.stack(images).to(model.device)
             described.append(model.encoder.describe_cells(batch.half() if model.half else batch, cells,
-                                                          split_block, method)[0].float().cpu())
+                                                          split_block, method, cell_pos=cell_pos)[0].float().cpu())
             images.clear()
 
     def take(image: torch.Tensor) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import timm
+from timm.layers import resample_abs_pos_embed
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -38,6 +39,7 @@ from .weights import PACKAGED, checkpoint_sha256, packaged_checkpoint
 
 POOLS = ("cls", "mean", "gem", "head", "projection")
 POOL_METHODS = ("split", "masked")
+CELL_POSITIONS = ("local", "global")
 
 
 class ModelConfigError(ValueError):
@@ -97,7 +99,8 @@ class Encoder(nn.Module):
 
     @torch.inference_mode()
     def describe_cells(self, images: torch.Tensor, cells: Sequence[tuple[int, int, int, int]], split_block: int,
-                       method: str = "split", layers: Sequence[int] | None = None) -> list[torch.Tensor]:
+                       method: str = "split", layers: Sequence[int] | None = None,
+                       cell_pos: str | None = None) -> list[torch.Tensor]:
         """Descriptors (B, n_cells, D) of token-grid cells from one shared pass, per layer (ViTs; pool mode).
 
         Blocks ``[0, split_block)`` run once on the whole image. Each cell
@@ -105,11 +108,17 @@ class Encoder(nn.Module):
         copy of the class token, which from then on attends to that cell alone:
 
         - ``split``: each cell runs the remaining blocks on its own tokens only,
-          as if it had been cropped (cost grows with the number of levels);
+          as if it had been cropped (cost grows with the number of levels).
+          ``cell_pos="local"`` completes the crop: at the split, each cell's
+          tokens trade the position embeddings of their place in the image for
+          those of a whole image of the cell's token size (the embedding table
+          resampled as timm does for another input size), so from block 0 a
+          cell is exactly a crop of its pixels; ``"global"`` keeps the image's
+          (default: local);
         - ``masked``: the image's tokens run the remaining blocks once, as in a
           normal forward, and the cells' class tokens ride along, each masked to
           attend to itself and its cell's tokens (cost: one pass plus one token
-          per cell).
+          per cell); its cells keep the image's positions (``cell_pos`` global, the default).
 
         The whole grid as one cell is exactly a normal forward, in both methods.
         """
@@ -118,6 +127,12 @@ class Encoder(nn.Module):
             raise ModelConfigError("pyramid.mode=pool needs a ViT backbone with pool cls, mean or gem")
         if method not in POOL_METHODS:
             raise ModelConfigError(f"pyramid.pool_method must be one of {POOL_METHODS}, got {method!r}")
+        cell_pos = cell_pos or ("local" if method == "split" else "global")
+        if cell_pos not in CELL_POSITIONS:
+            raise ModelConfigError(f"pyramid.pool_cell_pos must be one of {CELL_POSITIONS}, got {cell_pos!r}")
+        if cell_pos == "local" and method != "split":
+            raise ModelConfigError("pyramid.pool_cell_pos=local needs pool_method=split (masked cells share the "
+                                   "image's tokens and positions); set pyramid.pool_cell_pos=global")
         top = len(net.blocks) - 1
         layers = [self.layer] if layers is None else list(layers)
         wanted = sorted({top if layer == -1 else layer for layer in layers})
@@ -127,8 +142,10 @@ class Encoder(nn.Module):
         x = net.norm_pre(net.patch_drop(net._pos_embed(net.patch_embed(images))))
         for block in net.blocks[:split_block]:
             x = block(x)
-        run = self._cells_split if method == "split" else self._cells_masked
-        by_layer = run(x, cells, split_block, wanted)
+        if method == "split":
+            by_layer = self._cells_split(x, cells, split_block, wanted, self._grid_positions() if cell_pos == "local" else None)
+        else:
+            by_layer = self._cells_masked(x, cells, split_block, wanted)
         return [by_layer[top if layer == -1 else layer] for layer in layers]
 
     def _finish(self, sequence: torch.Tensor, prefix_count: int, layer: int) -> torch.Tensor:
@@ -137,7 +154,22 @@ class Encoder(nn.Module):
             sequence = self.backbone.norm(sequence)
         return self._pool(sequence[:, :prefix_count], sequence[:, prefix_count:])
 
-    def _cells_split(self, x: torch.Tensor, cells, split_block: int, wanted: list[int]) -> dict[int, torch.Tensor]:
+    def _grid_positions(self) -> torch.Tensor:
+        """The patch tokens' position embeddings as a (rows, cols, C) grid (ViTs with learned absolute ones)."""
+        net = self.backbone
+        rows, cols = net.patch_embed.grid_size
+        if getattr(net, "pos_embed", None) is None:
+            raise ModelConfigError("pyramid.pool_cell_pos=local needs learned absolute position embeddings; "
+                                   "set pyramid.pool_cell_pos=global")
+        grid = net.pos_embed[0, 0 if net.no_embed_class else net.num_prefix_tokens:]
+        if grid.shape[0] != rows * cols:
+            raise ModelConfigError(f"pyramid.pool_cell_pos=local: {grid.shape[0]} position embeddings for a "
+                                   f"{rows}x{cols} token grid; set pyramid.pool_cell_pos=global")
+        return grid.reshape(rows, cols, -1)
+
+    def _cells_split(self, x: torch.Tensor, cells, split_block: int, wanted: list[int],
+                     positions_grid: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """``positions_grid`` (rows, cols, C): re-embed each cell's tokens at its own size (``cell_pos="local"``)."""
         net = self.backbone
         batch, _, width = x.shape
         rows, cols = net.patch_embed.grid_size
@@ -150,6 +182,12 @@ class Encoder(nn.Module):
         for (height, span), positions in groups.items():
             tokens = torch.stack([grid[:, cells[p][0]:cells[p][1], cells[p][2]:cells[p][3]].reshape(batch, height * span, width)
                                   for p in positions], dim=1)
+            if positions_grid is not None and (height, span) != (rows, cols):
+                placed = torch.stack([positions_grid[cells[p][0]:cells[p][1], cells[p][2]:cells[p][3]].reshape(height * span, width)
+                                      for p in positions])
+                own = resample_abs_pos_embed(positions_grid.reshape(1, rows * cols, width), new_size=[height, span],
+                                             old_size=[rows, cols], num_prefix_tokens=0)
+                tokens = tokens - placed.to(tokens.dtype) + own.to(tokens.dtype)
             heads = prefix.unsqueeze(1).expand(batch, len(positions), prefix_count, width)
             sequence = torch.cat([heads, tokens], dim=2).reshape(batch * len(positions), -1, width)
             for index in range(split_block - 1, wanted[-1] + 1):  # split_block - 1: the shared output

@@ -95,9 +95,12 @@ class FeatureSource:
         ex = self.cfg.extract
         if self.cfg.pyramid.mode == "pool":
             split, method = int(self.cfg.pyramid.pool_split_block), str(self.cfg.pyramid.pool_method)
-            mode = f"pool-b{split}" if method == "split" else f"pool-{method}-b{split}"
+            cell_pos = str(self.cfg.pyramid.get("pool_cell_pos", "local")) if method == "split" else "global"
+            mode = f"pool-{method}-b{split}" if method != "split" else f"pool-b{split}" if cell_pos == "global" \
+                else f"pool-{cell_pos}-b{split}"
             stores = {level: self.store(self.model, level, region, mode=mode) for level in levels}
             self.stats.append(extract_pooled(stores, records, self.model, split_block=split, method=method,
+                                             cell_pos=cell_pos,
                                              batch_size=ex.batch_size, num_workers=ex.num_workers,
                                              chunk_size=ex.chunk_size, desc=f"{desc} L{'-'.join(map(str, levels))}"))
         else:

@@ -77,6 +77,35 @@ def test_masked_cell_tokens_leave_the_image_tokens_untouched():
         assert torch.allclose(pooled[:, i], expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("cell", [(0, 5, 5, 10), (3, 9, 2, 6)])
+def test_split_from_block_0_with_local_positions_is_a_crop(model, cell):
+    """cell_pos=local: a cell is encoded exactly as its pixels cropped and fed to the same ViT at the
+    cell's size (position embeddings resampled as timm does for another input size)."""
+    import timm
+
+    images = torch.randn(2, 3, 160, 160)
+    r0, r1, c0, c1 = cell
+    pooled = model.encoder.describe_cells(images, [cell], 0, "split", cell_pos="local")[0][:, 0]
+    crop_vit = timm.create_model("test_vit", pretrained=False, img_size=(16 * (r1 - r0), 16 * (c1 - c0)))
+    weights = {k: v for k, v in model.encoder.backbone.state_dict().items() if k != "pos_embed"}
+    crop_vit.load_state_dict(weights, strict=False)  # pos_embed: resampled below
+    crop_vit.pos_embed.data = timm.layers.resample_abs_pos_embed(
+        model.encoder.backbone.pos_embed, new_size=[r1 - r0, c1 - c0], old_size=[10, 10],
+        num_prefix_tokens=model.encoder.backbone.num_prefix_tokens)
+    crop_encoder = type(model.encoder)(crop_vit.eval(), layer=-1, pool="cls")
+    crop = crop_encoder(images[:, :, 16 * r0:16 * r1, 16 * c0:16 * c1])[0]
+    assert torch.allclose(pooled, crop, atol=1e-5)
+    placed = model.encoder.describe_cells(images, [cell], 0, "split", cell_pos="global")[0][:, 0]
+    assert not torch.allclose(placed, crop, atol=1e-3)  # the image's own positions are another encoding
+
+
+def test_local_positions_need_the_split_method(model):
+    with pytest.raises(ModelConfigError, match="pool_cell_pos=local needs pool_method=split"):
+        model.encoder.describe_cells(torch.randn(1, 3, 160, 160), [(0, 5, 0, 5)], 0, "masked", cell_pos="local")
+    with pytest.raises(ModelConfigError, match="pool_cell_pos must be one of"):
+        model.encoder.describe_cells(torch.randn(1, 3, 160, 160), [(0, 5, 0, 5)], 0, "split", cell_pos="relative")
+
+
 @pytest.mark.parametrize("method", ["split", "masked"])
 def test_several_layers_from_one_pass(method):
     torch.set_num_threads(1)
@@ -109,3 +138,5 @@ def test_pool_mode_end_to_end(smoke_overrides, tmp_path):
     assert crop["counts"]["extracted_images"] > 0  # pool and crop never share a cache
     masked = run(compose_config(overrides + ["pyramid.pool_method=masked"]), tmp_path / "masked")
     assert masked["counts"]["extracted_images"] > 0  # nor do the two pooling methods
+    placed = run(compose_config(overrides + ["pyramid.pool_cell_pos=global"]), tmp_path / "global")
+    assert placed["counts"]["extracted_images"] > 0  # nor local and global cell positions
