@@ -131,7 +131,8 @@ def _sized(model_cfg: DictConfig, image_size: int) -> DictConfig:
 
 def make_feature_source(cfg: DictConfig) -> FeatureSource:
     """The model of ``cfg.model`` and its caches. In pool mode the gallery model runs at
-    ``pyramid.pool_image_size`` and queries at ``pyramid.pool_query_size`` (0: the same)."""
+    ``pyramid.pool_image_size`` and queries at ``pyramid.pool_query_size`` (0: the model's own
+    input size, as in crop mode, whose query descriptors it then shares)."""
     if cfg.pyramid.mode not in ("crop", "pool"):
         raise ConfigError(f"pyramid.mode must be crop or pool, got {cfg.pyramid.mode!r}")
     load = partial(load_model, device=cfg.extract.device, precision=cfg.extract.precision)
@@ -139,8 +140,9 @@ def make_feature_source(cfg: DictConfig) -> FeatureSource:
         model = query_model = load(cfg.model)
     else:
         model = load(_sized(cfg.model, cfg.pyramid.pool_image_size))
-        query_size = int(cfg.pyramid.pool_query_size) or int(cfg.pyramid.pool_image_size)
-        query_model = model if query_size == model.input_size else load(_sized(cfg.model, query_size))
+        query_size = int(cfg.pyramid.pool_query_size)
+        query_model = load(cfg.model) if query_size == 0 else \
+            model if query_size == model.input_size else load(_sized(cfg.model, query_size))
     logger.info(f"model {cfg.model.name}: {cfg.model.timm_name} ({model.fingerprint['weights']}), "
                 f"input {model.input_size}px (queries {query_model.input_size}px), layer {cfg.model.layer}, "
                 f"pool {cfg.model.pool}, dim {model.dim}, {model.device}{' fp16' if model.half else ''}")

@@ -140,3 +140,14 @@ def test_pool_mode_end_to_end(smoke_overrides, tmp_path):
     assert masked["counts"]["extracted_images"] > 0  # nor do the two pooling methods
     placed = run(compose_config(overrides + ["pyramid.pool_cell_pos=global"]), tmp_path / "global")
     assert placed["counts"]["extracted_images"] > 0  # nor local and global cell positions
+
+
+def test_pool_queries_default_to_the_models_own_size(smoke_overrides):
+    """pool_query_size=0 describes queries as crop mode does (the model's own input size), whatever the pooled size."""
+    from src.pipeline import make_feature_source
+
+    source = make_feature_source(compose_config(smoke_overrides + ["pyramid.mode=pool", "pyramid.pool_image_size=320"]))
+    assert source.model.input_size == 320 and source.query_model.input_size == 160
+    same = make_feature_source(compose_config(smoke_overrides + ["pyramid.mode=pool", "pyramid.pool_image_size=320",
+                                                                 "pyramid.pool_query_size=320"]))
+    assert same.query_model is same.model
