@@ -175,8 +175,7 @@ def create_index(spec: IndexSpec, d: int) -> faiss.Index:
 
 def quantised_part(index: faiss.Index) -> faiss.Index:
     """The PQ or IVF-PQ index itself: ``index``, or the base of a refined index."""
-    refine = faiss.downcast_index(index) if not is_gpu_index(index) else index
-    return faiss.downcast_index(refine.base_index) if isinstance(refine, faiss.IndexRefine) else index
+    return faiss.downcast_index(faiss.downcast_index(index).base_index) if is_refined(index) else index
 
 
 def is_refined(index: faiss.Index) -> bool:

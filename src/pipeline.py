@@ -96,8 +96,9 @@ class FeatureSource:
         if self.cfg.pyramid.mode == "pool":
             split, method = int(self.cfg.pyramid.pool_split_block), str(self.cfg.pyramid.pool_method)
             cell_pos = str(self.cfg.pyramid.get("pool_cell_pos", "local")) if method == "split" else "global"
-            mode = f"pool-{method}-b{split}" if method != "split" else f"pool-b{split}" if cell_pos == "global" \
-                else f"pool-{cell_pos}-b{split}"
+            # cache names: split with global positions keeps its original "pool-b{split}"
+            variant = method if method != "split" else None if cell_pos == "global" else cell_pos
+            mode = f"pool-{variant}-b{split}" if variant else f"pool-b{split}"
             stores = {level: self.store(self.model, level, region, mode=mode) for level in levels}
             self.stats.append(extract_pooled(stores, records, self.model, split_block=split, method=method,
                                              cell_pos=cell_pos,
@@ -185,8 +186,8 @@ def index_layout(cfg: DictConfig) -> tuple[int, bool]:
     if (shards > 1 or on_disk) and str(cfg.kind).lower() != "ivfpq":
         raise faiss_index.IndexConfigError(f"index: shards={shards} and on_disk={str(on_disk).lower()} need "
                                            f"kind=ivfpq (inverted lists), got kind={cfg.kind}")
-    refine = str(cfg.get("refine", "none"))
-    if (shards > 1 or on_disk) and refine.lower() != "none":
+    refine = index_spec(cfg).refine
+    if (shards > 1 or on_disk) and refine != "none":
         raise faiss_index.IndexConfigError(f"index: refine={refine} keeps its codes in memory by row number, so it "
                                            f"cannot be sharded or on disk (shards={shards}, on_disk="
                                            f"{str(on_disk).lower()}); use refine=none or shards=1 on_disk=false")
