@@ -638,16 +638,21 @@ def run_size(args: argparse.Namespace, gen: Synthetic, images: int, queries: np.
     return result
 
 
-def cmd_run(args: argparse.Namespace) -> None:
+def synthetic_setup(args: argparse.Namespace) -> tuple[Synthetic, np.ndarray, Path]:
+    """Threads, the generator, the queries (``args.queries`` synthetic, then the real ones) and the output folder."""
     args.threads = args.threads or len(os.sched_getaffinity(0))
     faiss.omp_set_num_threads(args.threads)
     gen = Synthetic(Path(args.stats), seed=args.seed, threads=args.threads)
-    synthetic_queries = gen.queries(args.queries)
-    queries = np.ascontiguousarray(np.concatenate([synthetic_queries, gen.real_queries]), dtype=np.float32)
+    queries = np.ascontiguousarray(np.concatenate([gen.queries(args.queries), gen.real_queries]), dtype=np.float32)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine()}; threads {args.threads}; stats {args.stats} ({gen.info}); "
           f"{args.queries} synthetic + {len(gen.real_queries)} real queries", flush=True)
+    return gen, queries, out
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    gen, queries, out = synthetic_setup(args)
     started = time.perf_counter()
     for images in args.images:
         if args.deadline_s and time.perf_counter() - started > args.deadline_s:
@@ -676,15 +681,8 @@ def cmd_probe(args: argparse.Namespace) -> None:
     lists; ``nprobe95_flat`` is the smallest p reaching 0.95. ``run`` measures the IVF-PQ's own
     nprobe95 where it can build, so the two can be compared at the same sizes.
     """
-    args.threads = args.threads or len(os.sched_getaffinity(0))
-    faiss.omp_set_num_threads(args.threads)
-    gen = Synthetic(Path(args.stats), seed=args.seed, threads=args.threads)
-    queries = np.ascontiguousarray(np.concatenate([gen.queries(args.queries), gen.real_queries]), dtype=np.float32)
+    gen, queries, out = synthetic_setup(args)
     n_syn = args.queries
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {machine()}; threads {args.threads}; {n_syn} synthetic + {len(gen.real_queries)} real queries",
-          flush=True)
     for images in args.images:
         t_start = time.perf_counter()
         n = images * PATCHES
