@@ -11,7 +11,10 @@ All settings run in one process on the same images, so their ratios compare.
 A setting is ``crop`` or ``pool:SIZE:METHOD:SPLIT_BLOCK`` (pyramid.pool_image_size,
 pyramid.pool_method, pyramid.pool_split_block). The gallery is the first ``--images``
 images of the configured dataset (default: the mini-ILIAS; ``dataset=folder
-dataset.root=DIR`` for any folder). One warm-up image per setting is not timed.
+dataset.root=DIR`` for any folder). One warm-up image per setting is not timed; the
+encoder's floating-point operations are counted on it (``torch.utils.flop_counter``: every
+matmul, convolution and attention the encoder ran for that one image, padding and masked-out
+attention included), a cost that does not depend on the machine.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -33,6 +37,14 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from src.console import setup_logging  # noqa: E402
 from src.pipeline import load_dataset, make_feature_source  # noqa: E402
 from src.pyramid import levels_for, patches_per_image  # noqa: E402
+
+
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    # The flop counter knows the CUDA attention kernels but not the CPU one that
+    # scaled_dot_product_attention dispatches to here (masked or not): same formula.
+    @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
+    def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)
 
 
 def setting_overrides(setting: str) -> list[str]:
@@ -76,21 +88,26 @@ def main() -> None:
                         *overrides, *setting_overrides(setting), f"extract.batch_size={batch_size}",
                         f"paths.features={cache}"])
                     source = make_feature_source(cfg)
-                    source.features(records[:1], levels, desc="warm-up")
+                    with FlopCounterMode(display=False) as flops:
+                        source.features(records[:1], levels, desc="warm-up")
                     started = time.perf_counter()
                     source.features(records[1:], levels, desc=setting)
                     seconds = time.perf_counter() - started
-                rows.append((setting, source.model.input_size, batch_size, seconds, len(records) - 1))
+                rows.append((setting, source.model.input_size, batch_size, seconds, len(records) - 1,
+                             flops.get_total_flops() / 1e9))
     print(f"\n{machine()}\nmodel {base.model.name} ({base.model.timm_name}, layer {base.model.layer}), "
           f"device {source.model.device}{' fp16' if source.model.half else ''}, levels {levels} "
           f"({per_image} patches per image), {len(records) - 1} timed images\n")
-    crop_rate = {b: n / s for name, _, b, s, n in rows if name == "crop"}
-    print("| setting | input px | batch | seconds | images/s | patches/s | vs crop |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, size, batch_size, seconds, count in rows:
+    crop_rate = {b: n / s for name, _, b, s, n, _ in rows if name == "crop"}
+    crop_gflop = next((g for name, *_, g in rows if name == "crop"), None)
+    print("| setting | input px | batch | seconds | images/s | patches/s | vs crop | GFLOP/image | crop's FLOPs / these |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, size, batch_size, seconds, count, gflop in rows:
         rate = count / seconds
         ratio = f"{rate / crop_rate[batch_size]:.1f}x" if batch_size in crop_rate else "-"
-        print(f"| {name} | {size} | {batch_size} | {seconds:.1f} | {rate:.2f} | {rate * per_image:.1f} | {ratio} |")
+        flop_ratio = f"{crop_gflop / gflop:.1f}x" if crop_gflop and gflop else "-"
+        print(f"| {name} | {size} | {batch_size} | {seconds:.1f} | {rate:.2f} | {rate * per_image:.1f} | {ratio} "
+              f"| {gflop:.1f} | {flop_ratio} |")
 
 
 if __name__ == "__main__":

@@ -75,14 +75,16 @@ class Encoder(nn.Module):
         if any(layer < 0 for layer in layers):
             raise ModelConfigError(f"several layers in one pass must be block indices >= 0, got {list(layers)}")
         unique = sorted(set(layers))  # timm returns the blocks in ascending order
+        # stop_early: blocks past the deepest one asked for are not run (timm runs them all
+        # by default, e.g. a twelfth of a ViT-S's work wasted for layer 10).
         if self.is_vit:
             outputs = net.forward_intermediates(
                 images, indices=unique, norm=self.norm_intermediate, output_fmt="NLC",
-                intermediates_only=True, return_prefix_tokens=True)
+                intermediates_only=True, return_prefix_tokens=True, stop_early=True)
             by_layer = {layer: (prefix, patches) for layer, (patches, prefix) in zip(unique, outputs)}
         else:
             outputs = net.forward_intermediates(images, indices=unique, norm=self.norm_intermediate,
-                                                intermediates_only=True)
+                                                intermediates_only=True, stop_early=True)
             by_layer = {layer: (None, feature_map) for layer, feature_map in zip(unique, outputs)}
         return [by_layer[layer] for layer in layers]
 

@@ -130,6 +130,31 @@ def test_inner_block_differs_from_final_layer():
     assert torch.allclose(last_block, final, atol=1e-5)
 
 
+@pytest.mark.parametrize("name,layer", [("test_vit", 1), ("test_efficientnet", 1)])
+def test_inner_layer_runs_no_later_block_and_matches_a_hand_run(name, layer):
+    torch.manual_seed(0)
+    backbone = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    blocks = backbone.blocks
+    calls = [0] * len(blocks)
+    for i, block in enumerate(blocks):
+        block.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    x = _images(2)
+    out = Encoder(backbone, layer, "mean")(x)[0]
+    assert calls[:layer + 1] == [1] * (layer + 1) and calls[layer + 1:] == [0] * (len(blocks) - layer - 1)
+    with torch.no_grad():  # the same block run by hand, every later block left out
+        if name == "test_vit":
+            h = backbone.norm_pre(backbone._pos_embed(backbone.patch_embed(x)))
+            for block in blocks[:layer + 1]:
+                h = block(h)
+            expected = backbone.norm(h)[:, backbone.num_prefix_tokens:].mean(1)
+        else:
+            h = backbone.bn1(backbone.conv_stem(x))
+            for block in blocks[:layer + 1]:
+                h = block(h)
+            expected = h.mean((2, 3))
+    assert torch.allclose(out, F.normalize(expected, dim=-1), atol=1e-5)
+
+
 def test_inner_layer_via_config(vit, images):
     inner = load_model(_cfg(layer=1), device="cpu")
     assert inner.fingerprint["layer"] == 1 and inner.dim == 64
