@@ -5,12 +5,14 @@ packing or one pooled pass per image, chunked cache writes) into a fresh tempora
 feature cache for each setting, and prints images/s and patches/s at the chosen level.
 All settings run in one process on the same images, so their ratios compare.
 
-    python benchmarks/extraction_throughput.py --images 48 \\
-        --settings crop pool:448:split:2 pool:336:masked:0 --batch-sizes 16 [Hydra overrides ...]
+    python benchmarks/extraction_throughput.py [Hydra overrides ...] --images 48 --batch-sizes 16 \
+        --settings crop crop:112 pool:448:split:2 pool:336:masked:0
 
-A setting is ``crop`` or ``pool:SIZE:METHOD:SPLIT_BLOCK`` (pyramid.pool_image_size,
-pyramid.pool_method, pyramid.pool_split_block). The gallery is the first ``--images``
-images of the configured dataset (default: the mini-ILIAS; ``dataset=folder
+(Hydra overrides go first: ``--settings`` takes every word after it.) A setting is ``crop``
+(crops at the model's input size), ``crop:SIZE`` (model.image_size) or
+``pool:SIZE:METHOD:SPLIT_BLOCK`` (pyramid.pool_image_size, pyramid.pool_method,
+pyramid.pool_split_block); ratios are against the setting ``crop``. The gallery is the first
+``--images`` images of the configured dataset (default: the mini-ILIAS; ``dataset=folder
 dataset.root=DIR`` for any folder). One warm-up image per setting is not timed; the
 encoder's floating-point operations are counted on it (``torch.utils.flop_counter``: every
 matmul, convolution and attention the encoder ran for that one image, padding and masked-out
@@ -48,11 +50,12 @@ if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
 
 
 def setting_overrides(setting: str) -> list[str]:
-    if setting == "crop":
-        return ["pyramid.mode=crop"]
-    kind, size, method, split = setting.split(":")
-    if kind != "pool":
-        raise SystemExit(f"unknown setting {setting!r}: crop or pool:SIZE:METHOD:SPLIT")
+    kind, *rest = setting.split(":")
+    if kind == "crop" and len(rest) <= 1:
+        return ["pyramid.mode=crop"] + [f"model.image_size={size}" for size in rest]
+    if kind != "pool" or len(rest) != 3:
+        raise SystemExit(f"unknown setting {setting!r}: crop, crop:SIZE or pool:SIZE:METHOD:SPLIT")
+    size, method, split = rest
     return ["pyramid.mode=pool", f"pyramid.pool_image_size={size}", f"pyramid.pool_method={method}",
             f"pyramid.pool_split_block={split}"]
 
