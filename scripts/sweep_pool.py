@@ -5,6 +5,8 @@ at several output blocks at once; queries are described whole at one or more inp
     (trailing arguments are Hydra overrides, as for main.py: model=..., dataset.root=...)
 
 Uncached on purpose (each variant is a few minutes on the mini-ILIAS); exact search, L0..L3.
+``--l0-whole``: L0 is not a cell of the pooled pass but the whole image at the model's own input
+size (as crop mode and the queries describe it); the pooled pass describes L1..L3 only.
 Prints the gallery time and one markdown row per (block, query size).
 """
 
@@ -64,6 +66,23 @@ def pooled_gallery(model, records, cells, split: int, method: str, layers: list[
             np.asarray(image, np.int64), np.asarray(boxes, np.float32))
 
 
+def whole_images(model, records, layers: list[int], batch_size: int):
+    """L0 as crop mode describes it: each whole image at the model's own input size."""
+    data = _WholeImageDataset(records, model.transform)
+    vectors: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
+    sizes = []
+    for start in range(0, len(data), batch_size):
+        items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+        if errors := [error for _, _, error in items if error]:
+            raise SystemExit(errors[0])
+        sizes += [size for _, size, _ in items]
+        batch = torch.stack([tensor for tensor, _, _ in items]).to(model.device)
+        for layer, out in zip(layers, model.encoder(batch.half() if model.half else batch, layers)):
+            vectors[layer].append(out.float().cpu().numpy())
+    boxes = np.asarray([(0, 0, w, h) for w, h in sizes], np.float32)
+    return {layer: np.concatenate(v) for layer, v in vectors.items()}, np.arange(len(records)), boxes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=448, help="gallery input size (pyramid.pool_image_size)")
@@ -74,6 +93,8 @@ def main() -> None:
     parser.add_argument("--layers", default="8,9,10")
     parser.add_argument("--query-sizes", default="224")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--l0-whole", action="store_true",
+                        help="L0 from a whole-image pass at the model's own size, not from the pooled pass")
     args, overrides = parser.parse_known_args()
     layers = [int(v) for v in args.layers.split(",")]
     setup_logging(None)
@@ -83,13 +104,20 @@ def main() -> None:
     model = load_model(_sized(cfg.model, args.size), device=cfg.extract.device, precision=cfg.extract.precision)
     rows, cols = model.encoder.backbone.patch_embed.grid_size
     by_level = token_cells(rows, cols, LEVELS)
-    cells = [cell for level in LEVELS for cell in by_level[level]]
+    pooled_levels = LEVELS[1:] if args.l0_whole else LEVELS
+    cells = [cell for level in pooled_levels for cell in by_level[level]]
     started = time.perf_counter()
     gallery, image, boxes = pooled_gallery(model, dataset.gallery, cells, args.split, args.method, layers,
                                            args.batch_size, args.cell_pos)
+    if args.l0_whole:
+        whole, whole_image, whole_boxes = whole_images(load_model(cfg.model, device=cfg.extract.device,
+                                                                  precision=cfg.extract.precision),
+                                                       dataset.gallery, layers, args.batch_size)
+        gallery = {layer: np.concatenate([whole[layer], gallery[layer]]) for layer in layers}
+        image, boxes = np.concatenate([whole_image, image]), np.concatenate([whole_boxes, boxes])
     seconds = time.perf_counter() - started
     print(f"\n{len(dataset.gallery)} gallery images at {args.size} px, {args.method} from block {args.split}, "
-          f"cell positions {args.cell_pos or 'default'}: "
+          f"cell positions {args.cell_pos or 'default'}{', L0 whole at the model size' if args.l0_whole else ''}: "
           f"{seconds:.1f} s\n")
     print("| method | size | split | block | query px | mAP@1k | LocScore@0.4 | LocScore avg | R@1 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
