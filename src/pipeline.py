@@ -79,6 +79,7 @@ class FeatureSource:
     cfg: DictConfig  # the whole config
     stats: list[ExtractStats]
     writer: int = 0  # names this run's chunk files, so that concurrent shard jobs never write the same file
+    l0_model: LoadedModel | None = None  # pool mode, pool_l0=whole: describes L0 as crop mode does
 
     def store(self, model: LoadedModel, level: int, region: str = "full", mode: str = "crop") -> FeatureStore:
         store = FeatureStore(Path(self.cfg.paths.features), self.model_name, model.fingerprint, level, mode, region,
@@ -90,26 +91,39 @@ class FeatureSource:
                  desc: str = "gallery") -> PatchFeatures:
         """Patch features of ``records`` at ``levels`` (extracted if missing), all levels concatenated.
 
-        Pool mode describes every level from one pass per image.
+        Pool mode describes every level from one pass per image, except L0 with
+        ``pyramid.pool_l0=whole``: the whole image at the model's own input size, crop mode's L0.
         """
         ex = self.cfg.extract
-        if self.cfg.pyramid.mode == "pool":
-            split, method = int(self.cfg.pyramid.pool_split_block), str(self.cfg.pyramid.pool_method)
-            cell_pos = str(self.cfg.pyramid.get("pool_cell_pos", "local")) if method == "split" else "global"
-            # cache names: split with global positions keeps its original "pool-b{split}"
-            variant = method if method != "split" else None if cell_pos == "global" else cell_pos
-            mode = f"pool-{variant}-b{split}" if variant else f"pool-b{split}"
-            stores = {level: self.store(self.model, level, region, mode=mode) for level in levels}
-            self.stats.append(extract_pooled(stores, records, self.model, split_block=split, method=method,
-                                             cell_pos=cell_pos,
-                                             batch_size=ex.batch_size, num_workers=ex.num_workers,
-                                             chunk_size=ex.chunk_size, desc=f"{desc} L{'-'.join(map(str, levels))}"))
-        else:
+        batching = dict(batch_size=ex.batch_size, num_workers=ex.num_workers, chunk_size=ex.chunk_size)
+        if self.cfg.pyramid.mode != "pool":
             stores = {level: self.store(self.model, level, region) for level in levels}
-            self.stats.append(extract_missing(list(stores.values()), records, [self.model] * len(levels),
-                                              batch_size=ex.batch_size, num_workers=ex.num_workers,
-                                              chunk_size=ex.chunk_size, desc=f"{desc} L{'-'.join(map(str, levels))}"))
+            self.stats.append(extract_missing(list(stores.values()), records, [self.model] * len(levels), **batching,
+                                              desc=f"{desc} L{'-'.join(map(str, levels))}"))
+        else:
+            stores = self._pool_stores(records, levels, region, desc, batching)
         return PatchFeatures.concat([stores[level].gather(records, expected_dim=self.model.dim)[0] for level in levels])
+
+    def _pool_stores(self, records: list[ImageRecord], levels: list[int], region: str, desc: str,
+                     batching: dict) -> dict[int, FeatureStore]:
+        """Pool mode's stores at ``levels``, filled: L0 as crop mode's (``pool_l0=whole``), the rest pooled."""
+        stores: dict[int, FeatureStore] = {}
+        if self.l0_model is not None and 0 in levels:  # crop mode's L0, and its cache
+            stores[0] = self.store(self.l0_model, 0, region)
+            self.stats.append(extract_missing([stores[0]], records, [self.l0_model], **batching, desc=f"{desc} L0"))
+        pooled_levels = [level for level in levels if level not in stores]
+        if not pooled_levels:
+            return stores
+        split, method = int(self.cfg.pyramid.pool_split_block), str(self.cfg.pyramid.pool_method)
+        cell_pos = str(self.cfg.pyramid.get("pool_cell_pos", "local")) if method == "split" else "global"
+        # cache names: split with global positions keeps its original "pool-b{split}"
+        variant = method if method != "split" else None if cell_pos == "global" else cell_pos
+        mode = f"pool-{variant}-b{split}" if variant else f"pool-b{split}"
+        pooled = {level: self.store(self.model, level, region, mode=mode) for level in pooled_levels}
+        self.stats.append(extract_pooled(pooled, records, self.model, split_block=split, method=method,
+                                         cell_pos=cell_pos, **batching,
+                                         desc=f"{desc} L{'-'.join(map(str, pooled_levels))}"))
+        return {**stores, **pooled}
 
     def totals(self) -> dict:
         """Images extracted and reused, unreadable images, and extraction seconds over all stages so far."""
@@ -137,17 +151,22 @@ def make_feature_source(cfg: DictConfig) -> FeatureSource:
     if cfg.pyramid.mode not in ("crop", "pool"):
         raise ConfigError(f"pyramid.mode must be crop or pool, got {cfg.pyramid.mode!r}")
     load = partial(load_model, device=cfg.extract.device, precision=cfg.extract.precision)
+    l0_model = None
     if cfg.pyramid.mode == "crop":
         model = query_model = load(cfg.model)
     else:
+        if str(cfg.pyramid.get("pool_l0", "whole")) not in ("whole", "pooled"):
+            raise ConfigError(f"pyramid.pool_l0 must be whole or pooled, got {cfg.pyramid.pool_l0!r}")
         model = load(_sized(cfg.model, cfg.pyramid.pool_image_size))
         query_size = int(cfg.pyramid.pool_query_size)
         query_model = load(cfg.model) if query_size == 0 else \
             model if query_size == model.input_size else load(_sized(cfg.model, query_size))
+        if str(cfg.pyramid.get("pool_l0", "whole")) == "whole":
+            l0_model = query_model if query_size == 0 else load(cfg.model)
     logger.info(f"model {cfg.model.name}: {cfg.model.timm_name} ({model.fingerprint['weights']}), "
                 f"input {model.input_size}px (queries {query_model.input_size}px), layer {cfg.model.layer}, "
                 f"pool {cfg.model.pool}, dim {model.dim}, {model.device}{' fp16' if model.half else ''}")
-    return FeatureSource(model, query_model, cfg.model.name, cfg, [], writer=int(cfg.extract.shard))
+    return FeatureSource(model, query_model, cfg.model.name, cfg, [], writer=int(cfg.extract.shard), l0_model=l0_model)
 
 
 # ----------------------------------------------------------------------------- index

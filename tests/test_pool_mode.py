@@ -151,3 +151,26 @@ def test_pool_queries_default_to_the_models_own_size(smoke_overrides):
     same = make_feature_source(compose_config(smoke_overrides + ["pyramid.mode=pool", "pyramid.pool_image_size=320",
                                                                  "pyramid.pool_query_size=320"]))
     assert same.query_model is same.model
+
+
+def test_pool_l0_whole_is_crop_modes_l0_and_leaves_the_pooled_levels_alone(smoke_overrides, tmp_path):
+    """pool_l0=whole (default): L0 is crop mode's L0 (same vectors, same cache); L1..L3 are the pooled cells."""
+    from src.pipeline import load_dataset, make_feature_source
+
+    pool = smoke_overrides + ["pyramid.mode=pool", "pyramid.pool_image_size=320", "pyramid.pool_split_block=1",
+                              f"paths.features={tmp_path}"]
+    whole = make_feature_source(compose_config(pool))
+    records = load_dataset(compose_config(pool).dataset).gallery[:3]
+    got = whole.features(records, [0, 1, 2, 3])
+    assert whole.l0_model is whole.query_model and whole.l0_model.input_size != whole.model.input_size
+    crop = make_feature_source(compose_config(smoke_overrides + [f"paths.features={tmp_path}"]))
+    crop_l0 = crop.features(records, [0])
+    assert crop.totals()["extracted"] == 0  # crop mode found its L0 in the cache pool mode filled
+    assert np.array_equal(got.vectors[:3], crop_l0.vectors) and np.array_equal(got.boxes[:3], crop_l0.boxes)
+    pooled = make_feature_source(compose_config(pool + ["pyramid.pool_l0=pooled"]))
+    assert pooled.l0_model is None
+    old = pooled.features(records, [0, 1, 2, 3])
+    assert pooled.totals()["extracted"] == 3  # the pooled cells at L1..L3 were cached, L0 was not
+    assert np.array_equal(got.vectors[3:], old.vectors[3:]) and not np.allclose(got.vectors[:3], old.vectors[:3])
+    with pytest.raises(Exception, match="pool_l0 must be whole or pooled"):
+        make_feature_source(compose_config(pool + ["pyramid.pool_l0=crop"]))
