@@ -114,12 +114,9 @@ class FeatureSource:
         pooled_levels = [level for level in levels if level not in stores]
         if not pooled_levels:
             return stores
-        split, method = int(self.cfg.pyramid.pool_split_block), str(self.cfg.pyramid.pool_method)
-        cell_pos = str(self.cfg.pyramid.get("pool_cell_pos", "local")) if method == "split" else "global"
-        # cache names: split with global positions keeps its original "pool-b{split}"
-        variant = method if method != "split" else None if cell_pos == "global" else cell_pos
-        mode = f"pool-{variant}-b{split}" if variant else f"pool-b{split}"
-        pooled = {level: self.store(self.model, level, region, mode=mode) for level in pooled_levels}
+        split, method, cell_pos = pool_settings(self.cfg.pyramid)
+        pooled = {level: self.store(self.model, level, region, mode=pooled_store_mode(self.cfg.pyramid))
+                  for level in pooled_levels}
         self.stats.append(extract_pooled(pooled, records, self.model, split_block=split, method=method,
                                          cell_pos=cell_pos, **batching,
                                          desc=f"{desc} L{'-'.join(map(str, pooled_levels))}"))
@@ -140,6 +137,27 @@ class FeatureSource:
         return store.gather(records, expected_dim=self.query_model.dim)[0]
 
 
+def pool_settings(pyramid: DictConfig) -> tuple[int, str, str]:
+    """Pool mode's split block, method and cell positions (masked cells keep the image's)."""
+    split, method = int(pyramid.pool_split_block), str(pyramid.pool_method)
+    return split, method, str(pyramid.get("pool_cell_pos", "local")) if method == "split" else "global"
+
+
+def pooled_store_mode(pyramid: DictConfig) -> str:
+    """Mode name of the feature stores of pooled cells (split with global positions keeps "pool-b{split}")."""
+    split, method, cell_pos = pool_settings(pyramid)
+    variant = method if method != "split" else None if cell_pos == "global" else cell_pos
+    return f"pool-{variant}-b{split}" if variant else f"pool-b{split}"
+
+
+def patch_mode(pyramid: DictConfig) -> str:
+    """Everything about how gallery patches are described beyond the model: ``crop``, or pool mode's
+    method, split block, cell positions and L0 source (index and bundle keys)."""
+    if pyramid.mode != "pool":
+        return str(pyramid.mode)
+    return f"{pooled_store_mode(pyramid)}.L0-{pyramid.get('pool_l0', 'whole')}"
+
+
 def _sized(model_cfg: DictConfig, image_size: int) -> DictConfig:
     return OmegaConf.merge(model_cfg, {"image_size": int(image_size)})
 
@@ -155,13 +173,14 @@ def make_feature_source(cfg: DictConfig) -> FeatureSource:
     if cfg.pyramid.mode == "crop":
         model = query_model = load(cfg.model)
     else:
-        if str(cfg.pyramid.get("pool_l0", "whole")) not in ("whole", "pooled"):
-            raise ConfigError(f"pyramid.pool_l0 must be whole or pooled, got {cfg.pyramid.pool_l0!r}")
+        pool_l0 = str(cfg.pyramid.get("pool_l0", "whole"))
+        if pool_l0 not in ("whole", "pooled"):
+            raise ConfigError(f"pyramid.pool_l0 must be whole or pooled, got {pool_l0!r}")
         model = load(_sized(cfg.model, cfg.pyramid.pool_image_size))
         query_size = int(cfg.pyramid.pool_query_size)
         query_model = load(cfg.model) if query_size == 0 else \
             model if query_size == model.input_size else load(_sized(cfg.model, query_size))
-        if str(cfg.pyramid.get("pool_l0", "whole")) == "whole":
+        if pool_l0 == "whole":
             l0_model = query_model if query_size == 0 else load(cfg.model)
     logger.info(f"model {cfg.model.name}: {cfg.model.timm_name} ({model.fingerprint['weights']}), "
                 f"input {model.input_size}px (queries {query_model.input_size}px), layer {cfg.model.layer}, "
@@ -265,7 +284,7 @@ def index_files(cfg: DictConfig, model_fingerprint: dict, gallery: list[ImageRec
     shards, on_disk = index_layout(cfg.index)
     train_levels = training_levels(int(cfg.index.train_level), levels)
     gallery_key = list_key([f"{r.id}:{r.file_signature()}" for r in gallery])
-    train_fields = {"model": model_fingerprint, "mode": cfg.pyramid.mode, "factory": spec.factory_string(dim),
+    train_fields = {"model": model_fingerprint, "mode": patch_mode(cfg.pyramid), "factory": spec.factory_string(dim),
                     "metric": spec.metric, "train_levels": train_levels, "gallery": gallery_key,
                     "max_train": int(cfg.index.max_train_vectors), "seed": int(cfg.seed)}
     folder = Path(cfg.paths.indices)
@@ -489,7 +508,7 @@ def run_extract(cfg: DictConfig, report: RunReport) -> dict:
 def bundle_folder(cfg: DictConfig, model_fingerprint: dict, levels: list[int]) -> Path:
     """Where task=index keeps the searchable index of ``dataset.root`` for these settings."""
     fields = {"root": str(Path(cfg.dataset.root).resolve()), "model": model_fingerprint, "levels": levels,
-              "mode": cfg.pyramid.mode, "index": dict(index_spec(cfg.index).__dict__)}
+              "mode": patch_mode(cfg.pyramid), "index": dict(index_spec(cfg.index).__dict__)}
     return Path(cfg.paths.indices) / "search" / (
         f"{Path(cfg.dataset.root).resolve().name}.{cfg.model.name}.L{'-'.join(map(str, levels))}.{cfg.index.kind}"
         f"-{content_key(fields)}")

@@ -174,3 +174,18 @@ def test_pool_l0_whole_is_crop_modes_l0_and_leaves_the_pooled_levels_alone(smoke
     assert np.array_equal(got.vectors[3:], old.vectors[3:]) and not np.allclose(got.vectors[:3], old.vectors[:3])
     with pytest.raises(Exception, match="pool_l0 must be whole or pooled"):
         make_feature_source(compose_config(pool + ["pyramid.pool_l0=crop"]))
+
+
+def test_index_and_bundle_keys_follow_how_patches_are_described(smoke_overrides):
+    """A cached index is never reused for patches described another way (pool method, split, positions, L0)."""
+    from src.pipeline import bundle_folder, index_files, load_dataset
+
+    base = smoke_overrides + ["index=ivfpq", "index.m=8", "index.nlist=4"]
+    variants = [[], ["pyramid.mode=pool"], ["pyramid.mode=pool", "pyramid.pool_method=masked", "pyramid.pool_split_block=0"],
+                ["pyramid.mode=pool", "pyramid.pool_split_block=1"], ["pyramid.mode=pool", "pyramid.pool_cell_pos=global"],
+                ["pyramid.mode=pool", "pyramid.pool_l0=pooled"]]
+    gallery = load_dataset(compose_config(base).dataset).gallery
+    fingerprint = {"same": "model"}  # the model's own fingerprint is keyed already; only the patch mode varies here
+    keys = [(index_files(cfg, fingerprint, gallery, [0, 1], 64).populated, bundle_folder(cfg, fingerprint, [0, 1]))
+            for cfg in (compose_config(base + v) for v in variants)]
+    assert len({populated for populated, _ in keys}) == len({bundle for _, bundle in keys}) == len(variants)
