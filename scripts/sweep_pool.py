@@ -67,7 +67,8 @@ def pooled_gallery(model, records, cells, split: int, method: str, layers: list[
 
 
 def whole_images(model, records, layers: list[int], batch_size: int):
-    """L0 as crop mode describes it: each whole image at the model's own input size."""
+    """Per layer (n_images, d) descriptors of each whole image at ``model``'s input size (queries,
+    and L0 as crop mode describes it with ``--l0-whole``); the image index and box of every row."""
     data = _WholeImageDataset(records, model.transform)
     vectors: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
     sizes = []
@@ -123,13 +124,11 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for query_size in (int(v) for v in args.query_sizes.split(",")):
         query_model = load_model(_sized(cfg.model, query_size), device=cfg.extract.device, precision=cfg.extract.precision)
-        data = _WholeImageDataset(dataset.queries, query_model.transform)
-        images = torch.stack([data[i][0] for i in range(len(data))]).to(query_model.device)
-        queries = query_model.encoder(images.half() if query_model.half else images, layers)
-        for layer, query in zip(layers, queries):
+        queries = whole_images(query_model, dataset.queries, layers, args.batch_size)[0]
+        for layer in layers:
             index = faiss.IndexFlatIP(gallery[layer].shape[1])
             index.add(gallery[layer])
-            hits = search_images(index, query.float().cpu().numpy(), image, int(cfg.eval.k), metric="IP")
+            hits = search_images(index, queries[layer], image, int(cfg.eval.k), metric="IP")
             patches = PatchFeatures(gallery[layer], image, boxes, np.zeros(len(image), np.int8))
             m = evaluate(query_results(dataset, hits, patches), k=int(cfg.eval.k),
                          iou_thresholds=resolve_iou_thresholds(cfg.eval.iou_threshold))

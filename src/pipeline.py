@@ -115,8 +115,8 @@ class FeatureSource:
         if not pooled_levels:
             return stores
         split, method, cell_pos = pool_settings(self.cfg.pyramid)
-        pooled = {level: self.store(self.model, level, region, mode=pooled_store_mode(self.cfg.pyramid))
-                  for level in pooled_levels}
+        mode = pooled_store_mode(self.cfg.pyramid)
+        pooled = {level: self.store(self.model, level, region, mode=mode) for level in pooled_levels}
         self.stats.append(extract_pooled(pooled, records, self.model, split_block=split, method=method,
                                          cell_pos=cell_pos, **batching,
                                          desc=f"{desc} L{'-'.join(map(str, pooled_levels))}"))

@@ -155,7 +155,7 @@ def test_pool_queries_default_to_the_models_own_size(smoke_overrides):
 
 def test_pool_l0_whole_is_crop_modes_l0_and_leaves_the_pooled_levels_alone(smoke_overrides, tmp_path):
     """pool_l0=whole (default): L0 is crop mode's L0 (same vectors, same cache); L1..L3 are the pooled cells."""
-    from src.pipeline import load_dataset, make_feature_source
+    from src.pipeline import ConfigError, load_dataset, make_feature_source
 
     pool = smoke_overrides + ["pyramid.mode=pool", "pyramid.pool_image_size=320", "pyramid.pool_split_block=1",
                               f"paths.features={tmp_path}"]
@@ -172,7 +172,7 @@ def test_pool_l0_whole_is_crop_modes_l0_and_leaves_the_pooled_levels_alone(smoke
     old = pooled.features(records, [0, 1, 2, 3])
     assert pooled.totals()["extracted"] == 3  # the pooled cells at L1..L3 were cached, L0 was not
     assert np.array_equal(got.vectors[3:], old.vectors[3:]) and not np.allclose(got.vectors[:3], old.vectors[:3])
-    with pytest.raises(Exception, match="pool_l0 must be whole or pooled"):
+    with pytest.raises(ConfigError, match="pool_l0 must be whole or pooled"):
         make_feature_source(compose_config(pool + ["pyramid.pool_l0=crop"]))
 
 
