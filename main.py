@@ -15,8 +15,8 @@ from hydra.core.hydra_config import HydraConfig
 from loguru import logger
 from omegaconf import DictConfig
 
-from src.cli import FlagError, translate_argv
-
+from src.cli import FlagError, check_overrides, translate_argv
+import src.settings  # noqa: F401 (registers the ${expanduser:...} resolver of hydra.run.dir)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
@@ -45,6 +45,7 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     try:
         sys.argv = [sys.argv[0], *translate_argv(sys.argv[1:])]
+        check_overrides(sys.argv[1:])
     except FlagError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)

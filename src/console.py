@@ -23,13 +23,14 @@ def is_user_error(err: BaseException) -> bool:
     from .assets import AssetError
     from .cache import CacheError
     from .data import DataError
+    from .extraction import ExtractionError
     from .index import IndexConfigError
     from .mini_ilias import MiniIliasError
     from .model import ModelConfigError
-    from .pipeline import ConfigError
+    from .settings import ConfigError
 
     return isinstance(err, (AssetError, CacheError, DataError, IndexConfigError, MiniIliasError, ModelConfigError,
-                            ConfigError, FileNotFoundError))
+                            ConfigError, ExtractionError, FileNotFoundError))
 
 
 def metrics_table(rows: list[tuple[str, dict]]) -> str:

@@ -6,7 +6,8 @@ This module knows files and boxes, never features. Every image is an
 ILIAS's own similarity files). Boxes are ``(x, y, w, h)`` in original pixels,
 top-left origin.
 
-Manifest schema (``query.json`` / ``gallery.json``)::
+Manifest schema (``query.json`` / ``gallery.json``; an eval writes the ones it scanned into its
+run folder, never into the dataset; ``dataset.pin_manifest=true`` reads them from ``dataset.root``)::
 
     {"version": 1,
      "images": [{"id": "bold_bimp_000/pos/P000_00.jpg",   # unique, ranked-list id
@@ -181,6 +182,24 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def image_files(root: Path) -> list[Path]:
+    """Every file under ``root`` whose name ends in an image extension, sorted; the one folder walker.
+
+    Walks with ``os.walk(followlinks=False)``: a symlinked folder is not entered (so a symlink loop
+    cannot hang or repeat the scan, and nothing outside the tree is pulled in), a symlinked file is
+    listed and read through its link. Folders are never listed, even when named like an image
+    (``album.jpg/``); hidden files and folders (``.*``, including macOS's AppleDouble ``._*``) are
+    ignored. A listed file may still be unreadable (text named ``.jpg``, dangling or looping link):
+    its reader skips and lists it.
+    """
+    found = []
+    for folder, folders, files in os.walk(root, followlinks=False):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found.extend(Path(folder) / name for name in files
+                     if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(found)
+
+
 def _record(path: Path, id_root: Path, instance: str | None, with_boxes: bool) -> ImageRecord:
     width, height = image_size(path)
     boxes = ()
@@ -199,7 +218,8 @@ def read_ilias_layout(
     """Read ILIAS's native layout: ``<root>/<core_dir>/<instance>/{query,pos}/*``.
 
     ``distractors`` (a folder, relative to ``root`` or absolute) adds its
-    images to the gallery unlabelled; their ids are ``"<folder name>/..."``.
+    images to the gallery unlabelled; their ids are ``"<folder name>/..."``. An unreadable
+    distractor is skipped and listed; an unreadable query or positive is an error (it is ground truth).
     """
     root = Path(root)
     core = root / core_dir
@@ -219,8 +239,11 @@ def read_ilias_layout(
         folder = Path(distractors) if Path(distractors).is_absolute() else root / distractors
         if not folder.is_dir():
             raise DataError(f"{folder}: distractor folder not found")
-        for path in sorted(filter(_is_image, folder.rglob("*"))):
-            dataset.gallery.append(_record(path, folder.parent, None, with_boxes=False))
+        for path in image_files(folder):  # one unreadable distractor among millions is skipped and listed
+            try:
+                dataset.gallery.append(_record(path, folder.parent, None, with_boxes=False))
+            except DataError as err:
+                dataset.skipped.append(str(err))
     if not dataset.queries:
         raise DataError(f"{core}: no query images found under <instance>/query/")
     return dataset
@@ -232,7 +255,7 @@ def read_folder(root: Path) -> Dataset:
     if not root.is_dir():
         raise DataError(f"{root}: folder not found")
     dataset = Dataset(name=root.name, root=root)
-    for path in sorted(filter(_is_image, root.rglob("*"))):
+    for path in image_files(root):
         try:
             dataset.gallery.append(_record(path, root, None, with_boxes=False))
         except DataError as err:
@@ -240,6 +263,14 @@ def read_folder(root: Path) -> Dataset:
     if not dataset.gallery:
         raise DataError(f"{root}: no readable images found ({', '.join(IMAGE_EXTENSIONS)})")
     return dataset
+
+
+def annotation_gaps(dataset: Dataset) -> dict[str, list[str]]:
+    """Ground truth that changes scores without an error: ids of positives without a box (LocScore can
+    never localise them) and of queries whose instance has no positive in the gallery (AP 0, counted)."""
+    labelled = {r.instance for r in dataset.gallery if r.instance is not None}
+    return {"positives_without_boxes": [r.id for r in dataset.gallery if r.instance is not None and not r.boxes],
+            "queries_without_positives": [q.id for q in dataset.queries if q.instance not in labelled]}
 
 
 # ----------------------------------------------------------------------------- manifests

@@ -3,21 +3,31 @@
 A ``FeatureStore`` is one folder per (encoder fingerprint, pyramid level,
 patch mode, image region) under ``features/``, named
 ``<model>.<mode>.L<level>[.bbox]-<hash>``. It holds chunk files, each an
-atomic ``.npz`` with, for a run of images: ids, file signatures (size +
-mtime), per-image offsets into the patch arrays, patch vectors, patch boxes
-and a per-image error message (empty when the image was read). An image is
-reused when its id *and* signature are found, so
+atomic ``.npz`` with, for a run of images: content keys (a hash of each
+image's bytes, src/digests.py), the ids they were first seen under,
+per-image offsets into the patch arrays, patch vectors, patch boxes and a
+per-image error (empty when the image was read). An image is reused when its
+content key is found, whatever its name or folder, so
 
-- a second identical run extracts nothing,
+- a second identical run extracts nothing, and identical files are encoded once,
+- two different images never share features (same name, size and mtime or not),
 - a run killed mid-way resumes after its last finished chunk,
 - adding photos to a folder extracts only the new ones,
-- a truncated chunk file is detected, moved aside and its images re-extracted,
+- a chunk is checked when written and when read (offsets vs vectors vs patches
+  per image, CRC, finite values); a truncated, corrupt or inconsistent chunk is
+  moved aside (``*.corrupt``) and its images extracted again,
+- chunk names carry shard, host, pid and a random tag, so concurrent jobs never
+  write the same file,
 - batch size, workers and device never enter the key (they do not change
   the content).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +39,20 @@ from loguru import logger
 from PIL import Image
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import default_convert, get_worker_info
 from tqdm import tqdm
 
-from .cache import CacheError, content_key, load_arrays, open_cache_folder, save_arrays
+from .cache import CacheError, check_writable, content_key, load_arrays, open_cache_folder, save_arrays
 from .data import DataError, ImageRecord, load_image
+from .digests import DEFAULT_KEYS, ImageKeys
 from .model import LoadedModel, encode
 from .pyramid import grid_edges, level_boxes
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: entries keyed by image content (src/digests.py); 1 keyed them by file name + size + mtime
+
+
+class ExtractionError(RuntimeError):
+    """Extraction could not go on (one line); finished chunks are kept."""
 
 
 @dataclass
@@ -71,83 +87,203 @@ class ExtractStats:
 
 # ----------------------------------------------------------------------------- store
 
+class CorruptChunk(Exception):
+    """A chunk failed its checks while being read; it was moved aside and its entries dropped."""
+
+
+def _reason(error: str, path: Path) -> str:
+    """An error message without its leading ``<path>: `` (stored per content, shown with the current path)."""
+    prefix = f"{path}: "
+    return error[len(prefix):] if error.startswith(prefix) else error
+
+
 class FeatureStore:
-    """Chunked, content-keyed feature cache of one (model, level, mode, region)."""
+    """Chunked, content-keyed feature cache of one (model, level, mode, region).
+
+    An entry is keyed by what the image is (``ImageKeys``: a hash of its bytes,
+    plus its boxes for ``region="bbox"``), never by its name: different images
+    never share features, and identical files share one entry.
+    """
 
     def __init__(self, root: Path, model_name: str, fingerprint: dict, level: int, mode: str, region: str,
-                 writer: int = 0):
+                 writer: int = 0, keys: ImageKeys | None = None):
         self.fingerprint = {"format": STORE_FORMAT, "model": fingerprint, "level": level, "mode": mode, "region": region}
-        self.writer = writer  # shard index: concurrent shards write chunk files of their own
+        self.writer = writer  # shard index, part of chunk names (which also carry host and pid)
         suffix = "" if region == "full" else f".{region}"
         self.folder = Path(root) / f"{model_name}.{mode}.L{level}{suffix}-{content_key(self.fingerprint)}"
         self.level, self.mode, self.region = level, mode, region
-        self._entries: dict[str, tuple[str, Path, int]] | None = None
+        self.keys = keys or DEFAULT_KEYS
+        self._entries: dict[str, tuple[Path, int]] | None = None
 
     def open(self) -> None:
         """Create the folder with its meta file, or check that an existing one matches."""
         open_cache_folder(self.folder, self.fingerprint)
 
     def chunk_paths(self) -> list[Path]:
-        """Chunk files, oldest first (so a re-extracted image's newer entry wins)."""
-        return sorted(self.folder.glob("chunk-*.npz"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+        """Chunk files, oldest first (entries of equal keys hold the same content; the newest wins)."""
+        def age(path: Path) -> tuple[int, str]:
+            try:
+                return path.stat().st_mtime_ns, path.name
+            except FileNotFoundError:  # moved aside by a concurrent reader
+                return 0, path.name
+        return sorted(self.folder.glob("chunk-*.npz"), key=age)
 
-    def entries(self) -> dict[str, tuple[str, Path, int]]:
-        """id -> (signature, chunk file, position in chunk); later chunks win."""
+    def _set_aside(self, path: Path, reason: str) -> None:
+        logger.warning(f"{path}: {reason}; moved aside, its images will be extracted again")
+        try:
+            path.rename(path.with_name(path.name + ".corrupt"))
+        except OSError:
+            pass  # already moved by another reader, or a read-only cache (then it is skipped every run)
+        if self._entries is not None:
+            self._entries = {key: entry for key, entry in self._entries.items() if entry[0] != path}
+
+    def _index_chunk(self, path: Path) -> dict[str, int] | None:
+        """``key -> position`` of a chunk whose index arrays are consistent; None (set aside) otherwise."""
+        try:
+            arrays = load_arrays(path, ("keys", "offsets", "errors"))
+        except CacheError as err:
+            self._set_aside(path, str(err).removeprefix(f"{path}: "))
+            return None
+        problem = _index_problem(arrays["keys"], arrays["offsets"], arrays["errors"], (self.level + 1) ** 2)
+        if problem:
+            self._set_aside(path, f"inconsistent cache chunk ({problem})")
+            return None
+        return {str(key): position for position, key in enumerate(arrays["keys"])}
+
+    def entries(self) -> dict[str, tuple[Path, int]]:
+        """content key -> (chunk file, position in chunk); later chunks win."""
         if self._entries is None:
             self._entries = {}
             for path in self.chunk_paths():
-                try:
-                    ids = load_arrays(path, ("ids", "signatures"))  # not the vectors
-                except CacheError as err:
-                    logger.warning(f"{err}; moved aside, its images will be extracted again")
-                    path.rename(path.with_suffix(".corrupt"))
-                    continue
-                for position, (image_id, signature) in enumerate(zip(ids["ids"], ids["signatures"])):
-                    self._entries[str(image_id)] = (str(signature), path, position)
+                for key, position in (self._index_chunk(path) or {}).items():
+                    self._entries[key] = (path, position)
         return self._entries
 
     def missing(self, records: Sequence[ImageRecord]) -> list[ImageRecord]:
+        """Records without an entry (an unreadable file has no key and is always tried again)."""
         entries = self.entries()
-        return [r for r in records if entries.get(r.id, ("",))[0] != r.file_signature()]
+        return [r for r, key in zip(records, self.keys.keys(records, self.region)) if key is None or key not in entries]
 
-    def write_chunk(self, ids: list[str], signatures: list[str], counts: list[int], vectors: np.ndarray,
-                    boxes: np.ndarray, errors: list[str], dim: int) -> None:
-        number = len(list(self.folder.glob(f"chunk-{self.writer:04d}-*")))
-        path = self.folder / f"chunk-{self.writer:04d}-{number:06d}.npz"
-        while path.exists():
-            number += 1
-            path = self.folder / f"chunk-{self.writer:04d}-{number:06d}.npz"
+    def write_chunk(self, records: Sequence[ImageRecord], counts: list[int], vectors: np.ndarray, boxes: np.ndarray,
+                    errors: list[str], dim: int) -> None:
+        """Write one chunk for ``records`` (``counts[i]`` patches each, 0 for a failed image), checked first.
+
+        Images whose file could not be read have no content key; they are not stored (their error is
+        reported by this run and they are tried again by the next).
+        """
+        keys = self.keys.keys(records, self.region)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        save_arrays(path, ids=np.asarray(ids, dtype=str), signatures=np.asarray(signatures, dtype=str),
-                    offsets=offsets, vectors=vectors.reshape(-1, dim).astype(np.float32),
-                    boxes=boxes.reshape(-1, 4).astype(np.float32), errors=np.asarray(errors, dtype=str))
-        for position, (image_id, signature) in enumerate(zip(ids, signatures)):
-            self.entries()[image_id] = (signature, path, position)
+        vectors, boxes = vectors.reshape(-1, dim).astype(np.float32), boxes.reshape(-1, 4).astype(np.float32)
+        reasons = np.asarray([_reason(e, r.path) for r, e in zip(records, errors)], dtype=str)
+        arrays = dict(keys=np.asarray([k or "" for k in keys], dtype=str),
+                      ids=np.asarray([r.id for r in records], dtype=str), offsets=offsets, vectors=vectors,
+                      boxes=boxes, errors=reasons)
+        problem = _index_problem(arrays["keys"], offsets, reasons, (self.level + 1) ** 2) or \
+            _array_problem(offsets, vectors, boxes, dim)
+        if problem:  # a bug or a setting that slipped through; never cache it
+            raise ExtractionError(f"{self.folder}: refusing to write an inconsistent cache chunk ({problem})")
+        stored = np.asarray([k is not None for k in keys])
+        if not stored.all():  # drop unkeyed images and their (zero) patches
+            rows = np.repeat(stored, np.diff(offsets))
+            arrays = dict(keys=arrays["keys"][stored], ids=arrays["ids"][stored],
+                          offsets=np.concatenate([[0], np.cumsum(np.diff(offsets)[stored])]).astype(np.int64),
+                          vectors=vectors[rows], boxes=boxes[rows], errors=reasons[stored])
+        if not len(arrays["keys"]):
+            return
+        path = self.folder / f"chunk-{self.writer:04d}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.npz"
+        save_arrays(path, **arrays)
+        entries = self.entries()
+        for position, key in enumerate(arrays["keys"]):
+            entries[str(key)] = (path, position)
 
     def gather(self, records: Sequence[ImageRecord], expected_dim: int | None = None) -> tuple[PatchFeatures, list[str]]:
-        """Features of ``records`` (all found in the store), in record order; also the read errors."""
+        """Features of ``records`` (all found in the store), in record order; also the read errors.
+
+        Raises ``CorruptChunk`` when a chunk fails its checks (it is moved aside first, so extracting the
+        missing records again and gathering again recovers).
+        """
         entries = self.entries()
         by_chunk: dict[Path, list[tuple[int, int]]] = {}
-        for index, record in enumerate(records):
-            by_chunk.setdefault(entries[record.id][1], []).append((index, entries[record.id][2]))
-        pieces: list[tuple[int, np.ndarray, np.ndarray]] = []
         errors: list[str] = []
+        for index, (record, key) in enumerate(zip(records, self.keys.keys(records, self.region))):
+            if key is None:  # the file could not be read at all (gone, no permission): no patches
+                errors.append(f"{record.path}: cannot read the file")
+                continue
+            if key not in entries:  # its chunk was set aside since extraction
+                raise CorruptChunk(f"{record.path}: no cache entry")
+            by_chunk.setdefault(entries[key][0], []).append((index, entries[key][1]))
+        pieces: list[tuple[int, np.ndarray, np.ndarray]] = []
         for path, wanted in by_chunk.items():
-            arrays = load_arrays(path)
-            dim = arrays["vectors"].shape[1]
-            if expected_dim is not None and dim != expected_dim:
-                raise CacheError(f"{path}: feature dimension {dim} does not match the model's {expected_dim}; stale cache")
+            arrays = self._read_chunk(path, expected_dim)
             for index, position in wanted:
                 start, stop = arrays["offsets"][position], arrays["offsets"][position + 1]
                 pieces.append((index, arrays["vectors"][start:stop], arrays["boxes"][start:stop]))
                 if arrays["errors"][position]:
-                    errors.append(str(arrays["errors"][position]))
+                    errors.append(f"{records[index].path}: {arrays['errors'][position]}")
         pieces.sort(key=lambda piece: piece[0])
         dim = pieces[0][1].shape[1] if pieces else (expected_dim or 0)
         vectors = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros((0, dim), np.float32)
         boxes = np.concatenate([p[2] for p in pieces]) if pieces else np.zeros((0, 4), np.float32)
         image = np.concatenate([np.full(len(p[1]), p[0], np.int64) for p in pieces]) if pieces else np.zeros(0, np.int64)
         return PatchFeatures(vectors, image, boxes, np.full(len(image), self.level, np.int8)), errors
+
+    def _read_chunk(self, path: Path, expected_dim: int | None) -> dict[str, np.ndarray]:
+        """All arrays of a chunk, checked (CRC, shapes, finite values); CorruptChunk after setting it aside."""
+        try:
+            arrays = load_arrays(path)
+        except CacheError as err:
+            self._set_aside(path, str(err).removeprefix(f"{path}: "))
+            raise CorruptChunk(str(path)) from None
+        dim = arrays["vectors"].shape[1] if arrays["vectors"].ndim == 2 else -1
+        if expected_dim is not None and dim != expected_dim:
+            raise CacheError(f"{path}: feature dimension {dim} does not match the model's {expected_dim}; stale cache")
+        problem = _array_problem(arrays["offsets"], arrays["vectors"], arrays["boxes"], dim)
+        if problem:
+            self._set_aside(path, f"inconsistent cache chunk ({problem})")
+            raise CorruptChunk(str(path))
+        return arrays
+
+
+def warn_old_stores(root: Path) -> None:
+    """Say (once per run) that feature folders of an older store format under ``root`` are not read."""
+    old = []
+    for meta in Path(root).glob("*/meta.json"):
+        try:
+            found = json.loads(meta.read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(found, int) and found < STORE_FORMAT:
+            old.append(meta.parent)
+    if old:
+        size = sum(f.stat().st_size for folder in old for f in folder.iterdir() if f.is_file())
+        logger.warning(f"{root}: {len(old)} feature cache folder(s) of store format < {STORE_FORMAT} (keyed by file "
+                       f"name, size and mtime, which could give one image another's features) are not read; their "
+                       f"images are encoded again once. Delete them to free {size / 1e6:,.0f} MB, e.g. {old[0]}")
+
+
+def _index_problem(keys: np.ndarray, offsets: np.ndarray, errors: np.ndarray, patches: int) -> str:
+    """What is wrong with a chunk's per-image arrays ('' if nothing): lengths, offsets, patches per image."""
+    if len(offsets) != len(keys) + 1 or len(errors) != len(keys):
+        return f"{len(keys)} keys, {len(offsets)} offsets, {len(errors)} error entries"
+    if len(keys) and (offsets[0] != 0 or (np.diff(offsets) < 0).any()):
+        return "offsets not increasing from 0"
+    counts = np.diff(offsets)
+    failed = np.asarray([bool(e) for e in errors], dtype=bool)
+    if (counts[~failed] != patches).any() or (counts[failed] != 0).any():
+        return f"patches per image {sorted(set(counts.tolist()))}, expected {patches} (0 for unreadable images)"
+    if any(not str(k) for k in keys):
+        return "an empty content key"
+    return ""
+
+
+def _array_problem(offsets: np.ndarray, vectors: np.ndarray, boxes: np.ndarray, dim: int) -> str:
+    """What is wrong with a chunk's patch arrays ('' if nothing): row counts, width, finite values."""
+    rows = int(offsets[-1]) if len(offsets) else 0
+    if vectors.ndim != 2 or vectors.shape != (rows, dim) or boxes.shape != (rows, 4):
+        return f"offsets say {rows} patches, vectors {vectors.shape}, boxes {boxes.shape}"
+    if not (np.isfinite(vectors).all() and np.isfinite(boxes).all()):
+        return "non-finite values"
+    return ""
 
 
 # ----------------------------------------------------------------------------- crop-mode extraction
@@ -214,31 +350,109 @@ class _CropDataset(TorchDataset):
 
 
 def _todo(stores: Sequence[FeatureStore], records: Sequence[ImageRecord], stats: ExtractStats) -> list[ImageRecord]:
-    """Records that at least one store lacks (in record order); counts the others as reused."""
-    missing = {r.id for store in stores for r in store.missing(records)}
-    todo = [r for r in records if r.id in missing]
+    """Records that at least one store lacks (in record order, identical files once); counts the others as reused."""
+    missing = {id(r) for store in stores for r in store.missing(records)}
+    todo, seen = [], set()
+    for record, key in zip(records, stores[0].keys.keys(records, stores[0].region)):
+        if id(record) in missing and (key is None or key not in seen):
+            todo.append(record)
+            seen.add(key)
     stats.reused = len(records) - len(todo)
+    if todo:
+        for store in stores:
+            check_writable(store.folder)
     return todo
+
+
+def _share_tensors(item: Any) -> None:
+    if isinstance(item, torch.Tensor):
+        item.share_memory_()
+    elif isinstance(item, (tuple, list)):
+        for part in item:
+            _share_tensors(part)
+
+
+def _collate_shared(sample: Any) -> Any:
+    """DataLoader ``collate_fn`` (``batch_size=None``): numpy arrays to tensors as torch's default
+    does and, in a worker, every tensor moved to shared memory at once. Torch would otherwise
+    copy it there later, in the result queue's feeder thread, where a failure (a full /dev/shm,
+    ``ulimit -f``: EFBIG) is only printed, the sample is lost and the main process waits for it
+    forever; raised here, it reaches the main process as the worker's error."""
+    sample = default_convert(sample)
+    if get_worker_info() is not None:
+        _share_tensors(sample)
+    return sample
+
+
+def _worker_failure(err: BaseException) -> str | None:
+    """One line saying how a DataLoader worker failed, when ``err`` reports that; else None."""
+    text = str(err)
+    if "DataLoader worker" not in text:
+        return None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if text.startswith("Caught "):  # "Caught X in DataLoader worker process N. Original Traceback ...<last line>"
+        return f"a DataLoader worker failed ({lines[-1]})"
+    # "DataLoader worker (pid N) is killed by signal: Killed. <advice>" / "... exited unexpectedly ..."
+    return lines[0].split(". ")[0].rstrip(".")
+
+
+def _close_workers(samples: Any) -> None:
+    """Shut a DataLoader iterator's workers down now (not when a traceback is freed). torch's
+    SIGCHLD handler may meanwhile raise a worker's death again; it is already being handled."""
+    shutdown = getattr(samples, "_shutdown_workers", None)  # absent without workers
+    for _ in range(3):
+        try:
+            if shutdown is not None:
+                shutdown()
+            return
+        except RuntimeError as err:
+            if _worker_failure(err) is None:
+                raise
 
 
 def _feed_chunks(todo: Sequence[ImageRecord], loader: DataLoader, *, desc: str, chunk_size: int,
                  stats: ExtractStats, take: Callable, write: Callable) -> None:
     """Give each decoded image to ``take``; every ``chunk_size`` images (and at the end) call
-    ``write(pending)`` with the chunk's ``(record, meta, error)`` triples."""
+    ``write(pending)`` with the chunk's ``(record, meta, error)`` triples. A DataLoader worker that
+    raises or dies, or a sample lost on its way from one, ends the run with ExtractionError (one
+    line; the worker's traceback goes to the log file); the chunks already written are kept."""
     pending: list[tuple[ImageRecord, Any, str]] = []
-    for record, (payload, meta, error) in tqdm(zip(todo, loader), total=len(todo), desc=desc, unit="img",
-                                               dynamic_ncols=True, leave=False):
-        if error:
-            logger.warning(f"skipped {error}")
-            stats.failed.append(error)
+    samples, failure = None, None
+    progress = tqdm(todo, desc=desc, unit="img", dynamic_ncols=True, leave=False)
+    try:
+        samples = iter(loader)
+        for record in progress:
+            try:
+                payload, meta, error = next(samples)
+            except Exception as err:
+                if not loader.num_workers:
+                    raise
+                failure = err  # e.g. the worker died while handing its sample over (ConnectionResetError)
+                break
+            if error:
+                logger.warning(f"skipped {error}")
+                stats.failed.append(error)
+            else:
+                take(payload)
+            pending.append((record, meta, error))
+            if len(pending) >= chunk_size:
+                write(pending)
+                pending = []
         else:
-            take(payload)
-        pending.append((record, meta, error))
-        if len(pending) >= chunk_size:
-            write(pending)
-            pending = []
-    if pending:
-        write(pending)
+            if pending:
+                write(pending)
+    except Exception as err:  # torch's SIGCHLD handler raises a worker's death wherever the main process is
+        if _worker_failure(err) is None:
+            raise
+        failure = err
+    finally:
+        _close_workers(samples)
+        progress.close()
+    if failure is not None:
+        reason = _worker_failure(failure) or f"a sample from a DataLoader worker was lost ({type(failure).__name__}: {failure})"
+        logger.debug(f"{desc}: DataLoader worker failure:\n{failure}")
+        raise ExtractionError(f"{desc}: {reason}; finished cache chunks are kept and the next run resumes "
+                              "from them")
 
 
 def extract_missing(stores: Sequence[FeatureStore], records: Sequence[ImageRecord], models: Sequence[LoadedModel], *,
@@ -258,7 +472,7 @@ def extract_missing(stores: Sequence[FeatureStore], records: Sequence[ImageRecor
     started = time.perf_counter()
     region = stores[0].region
     loader = DataLoader(_CropDataset(todo, sorted({s.level for s in stores}), region, models[0].data_config),
-                        batch_size=None, shuffle=False, num_workers=num_workers,
+                        batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_collate_shared,
                         prefetch_factor=4 if num_workers else None)
     crops: list[torch.Tensor] = []          # preprocessed patches not yet encoded
     encoded: list[list[torch.Tensor]] = []  # per batch: one (B, D) tensor per layer
@@ -290,8 +504,7 @@ def extract_missing(stores: Sequence[FeatureStore], records: Sequence[ImageRecor
             rows = levels == store.level
             vectors = by_layer[model.fingerprint["layer"]]
             store.write_chunk(
-                ids=[p[0].id for p in pending], signatures=[p[0].file_signature() for p in pending],
-                counts=np.bincount(owner[rows], minlength=len(pending)).tolist(),
+                records=[p[0] for p in pending], counts=np.bincount(owner[rows], minlength=len(pending)).tolist(),
                 vectors=vectors[rows] if vectors is not None else np.zeros((0, model.dim), np.float32),
                 boxes=boxes[rows], errors=[p[2] for p in pending], dim=model.dim)
         patches_done += len(levels)
@@ -354,7 +567,8 @@ def extract_pooled(stores: dict[int, FeatureStore], records: Sequence[ImageRecor
     cells_by_level = token_cells(rows, cols, levels)
     cells = [cell for level in levels for cell in cells_by_level[level]]
     loader = DataLoader(_WholeImageDataset(todo, model.transform), batch_size=None, shuffle=False,
-                        num_workers=num_workers, prefetch_factor=4 if num_workers else None)
+                        num_workers=num_workers, collate_fn=_collate_shared,
+                        prefetch_factor=4 if num_workers else None)
     images: list[torch.Tensor] = []
     described: list[torch.Tensor] = []
 
@@ -381,8 +595,7 @@ def extract_pooled(stores: dict[int, FeatureStore], records: Sequence[ImageRecor
             boxes = [np.stack([cell[:, 2] * w / cols, cell[:, 0] * h / rows, (cell[:, 3] - cell[:, 2]) * w / cols,
                                (cell[:, 1] - cell[:, 0]) * h / rows], axis=1) for w, h in sizes]
             stores[level].write_chunk(
-                ids=[p[0].id for p in pending], signatures=[p[0].file_signature() for p in pending],
-                counts=[0 if p[2] else count for p in pending], vectors=vectors[:, start:start + count],
+                records=[p[0] for p in pending], counts=[0 if p[2] else count for p in pending], vectors=vectors[:, start:start + count],
                 boxes=np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
                 errors=[p[2] for p in pending], dim=model.dim)
             start += count

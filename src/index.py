@@ -40,6 +40,8 @@ import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 from loguru import logger
 
+from .cache import discard, sweep_temporaries, tmp_path_for
+
 KINDS = ("flat", "pq", "ivfpq")
 #: Refine stages (FAISS ``Refine(...)`` factory names; bytes per vector: d, 2d, 4d).
 REFINES = ("none", "SQ8", "SQfp16", "Flat")
@@ -351,7 +353,7 @@ def _commit_on_disk(index: faiss.Index, path: Path, lists_tmp: Path) -> None:
     removed first and renamed into place last, so a killed run leaves either no index file
     (rebuilt next time) or a complete pair, never an index file over other lists.
     """
-    lists, tmp = _on_disk_lists(index), path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    lists, tmp = _on_disk_lists(index), tmp_path_for(path)
     previous, lists.filename = lists.filename, ivfdata_path(path).name
     try:
         faiss.write_index(index, str(tmp))
@@ -362,22 +364,25 @@ def _commit_on_disk(index: faiss.Index, path: Path, lists_tmp: Path) -> None:
         os.replace(tmp, path)
     finally:
         lists.filename = previous
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
 
 
 def write_index(index: faiss.Index, path: Path) -> None:
     """Write ``index`` to ``path`` atomically (temp file, fsync, rename).
 
-    A killed run leaves at most a ``<name>.tmp-<pid>`` file, never a
-    half-written ``path``. GPU indices are copied to CPU first. An on-disk
-    index is written as its index file plus ``<name>.ivfdata`` beside it, a
-    hard link to (or, across file systems, a copy of) its current lists.
+    A killed run leaves at most a temporary ``.<name>.tmp-<host>-<pid>``
+    (``cache.tmp_path_for``), never a half-written ``path``; the temporaries
+    of writers that are gone are swept from the folder first. GPU indices are
+    copied to CPU first. An on-disk index is written as its index file plus
+    ``<name>.ivfdata`` beside it, a hard link to (or, across file systems, a
+    copy of) its current lists.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     on_disk = is_on_disk(index)
-    tmp = path.with_name(f"{(ivfdata_path(path) if on_disk else path).name}.tmp-{os.getpid()}")
+    tmp = tmp_path_for(ivfdata_path(path) if on_disk else path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_temporaries(path.parent)
         if on_disk:
             try:
                 os.link(_on_disk_lists(index).filename, tmp)
@@ -392,7 +397,7 @@ def write_index(index: faiss.Index, path: Path) -> None:
     except (RuntimeError, OSError) as e:  # e.g. no space left on device
         raise IndexConfigError(f"{path}: cannot write index ({_reason(e)}); nothing was replaced") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
 
 
 def read_index(path: Path, mmap: bool = False) -> faiss.Index:
@@ -499,16 +504,17 @@ def merge_shards(trained_path: Path, shard_paths: list[Path], path: Path, on_dis
             trained.merge_from(read_index(shard), 0)
         write_index(trained, path)
         return trained
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lists_tmp = path.with_name(f"{ivfdata_path(path).name}.tmp-{os.getpid()}")
+    lists_tmp = tmp_path_for(ivfdata_path(path))
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_temporaries(path.parent)
         merge_ondisk(trained, [str(shard) for shard in shard_paths], str(lists_tmp))
         _commit_on_disk(trained, path, lists_tmp)
     except (RuntimeError, OSError) as e:  # e.g. no space left on device
         raise IndexConfigError(f"{path}: cannot merge index shards ({_reason(e)}); nothing was replaced") from None
     finally:
         del trained  # unmaps the lists written
-        lists_tmp.unlink(missing_ok=True)
+        discard(lists_tmp)
     return read_index(path)
 
 

@@ -46,6 +46,28 @@ class ModelConfigError(ValueError):
     """A model setting that cannot work (one line)."""
 
 
+def block_count(backbone: nn.Module) -> int | None:
+    """How many outputs ``model.layer`` may pick: a ViT's blocks, a CNN's stages (timm's
+    ``forward_intermediates`` indices); None when the backbone does not say."""
+    if hasattr(backbone, "blocks") and hasattr(backbone, "num_prefix_tokens"):
+        return len(backbone.blocks)
+    if getattr(backbone, "stage_ends", None) is not None:
+        return len(backbone.stage_ends)
+    feature_info = getattr(backbone, "feature_info", None)
+    return len(feature_info) if feature_info is not None else None
+
+
+def check_layer(backbone: nn.Module, layer: int) -> None:
+    """ModelConfigError unless ``layer`` is -1 (the final features) or one of the backbone's blocks."""
+    count = block_count(backbone)
+    if layer == -1 or (layer >= 0 and (count is None or layer < count)):
+        return
+    name = (getattr(backbone, "pretrained_cfg", None) or {}).get("architecture") or type(backbone).__name__
+    unit = "blocks" if hasattr(backbone, "blocks") and hasattr(backbone, "num_prefix_tokens") else "stages"
+    allowed = f"in 0..{count - 1} ({name} has {count} {unit})" if count else ">= 0"
+    raise ModelConfigError(f"model.layer={layer}: must be -1 (the final features) or a block index {allowed}")
+
+
 class Encoder(nn.Module):
     """timm backbone + layer choice + pooling + L2 normalisation."""
 
@@ -56,6 +78,7 @@ class Encoder(nn.Module):
             raise ModelConfigError(f"model.pool must be one of {POOLS}, got {pool!r}")
         if pool in ("head", "projection") and layer != -1:
             raise ModelConfigError(f"model.pool={pool} uses the model's own head and needs model.layer=-1, got {layer}")
+        check_layer(backbone, layer)
         self.backbone = backbone.eval().requires_grad_(False)
         self.layer, self.pool, self.norm_intermediate, self.gem_p = layer, pool, norm_intermediate, gem_p
         self.is_vit = hasattr(backbone, "blocks") and hasattr(backbone, "num_prefix_tokens")
@@ -100,6 +123,28 @@ class Encoder(nn.Module):
         return F.normalize(pooled, dim=-1)
 
     @torch.inference_mode()
+    def check_pool_settings(self, split_block: int, method: str, cell_pos: str | None = None,
+                            layers: Sequence[int] | None = None) -> tuple[str, list[int]]:
+        """Pool mode's settings against this backbone (ModelConfigError, one line); returns the cell
+        positions and the sorted block indices asked for. Called before any work and by ``describe_cells``."""
+        if not self.is_vit or self.pool in ("head", "projection"):
+            raise ModelConfigError("pyramid.mode=pool needs a ViT backbone with pool cls, mean or gem")
+        if method not in POOL_METHODS:
+            raise ModelConfigError(f"pyramid.pool_method must be one of {POOL_METHODS}, got {method!r}")
+        cell_pos = cell_pos or ("local" if method == "split" else "global")
+        if cell_pos not in CELL_POSITIONS:
+            raise ModelConfigError(f"pyramid.pool_cell_pos must be one of {CELL_POSITIONS}, got {cell_pos!r}")
+        if cell_pos == "local" and method != "split":
+            raise ModelConfigError("pyramid.pool_cell_pos=local needs pool_method=split (masked cells share the "
+                                   "image's tokens and positions); set pyramid.pool_cell_pos=global")
+        top = len(self.backbone.blocks) - 1
+        layers = [self.layer] if layers is None else list(layers)
+        wanted = sorted({top if layer == -1 else layer for layer in layers})
+        if not 0 <= split_block <= wanted[0] + 1 or wanted[-1] > top:
+            raise ModelConfigError(f"pyramid.pool_split_block={split_block}: must be in 0..{wanted[0] + 1} (the "
+                                   f"block after model.layer={layers[0]}), layers in 0..{top}")
+        return cell_pos, wanted
+
     def describe_cells(self, images: torch.Tensor, cells: Sequence[tuple[int, int, int, int]], split_block: int,
                        method: str = "split", layers: Sequence[int] | None = None,
                        cell_pos: str | None = None) -> list[torch.Tensor]:
@@ -125,22 +170,9 @@ class Encoder(nn.Module):
         The whole grid as one cell is exactly a normal forward, in both methods.
         """
         net = self.backbone
-        if not self.is_vit or self.pool in ("head", "projection"):
-            raise ModelConfigError("pyramid.mode=pool needs a ViT backbone with pool cls, mean or gem")
-        if method not in POOL_METHODS:
-            raise ModelConfigError(f"pyramid.pool_method must be one of {POOL_METHODS}, got {method!r}")
-        cell_pos = cell_pos or ("local" if method == "split" else "global")
-        if cell_pos not in CELL_POSITIONS:
-            raise ModelConfigError(f"pyramid.pool_cell_pos must be one of {CELL_POSITIONS}, got {cell_pos!r}")
-        if cell_pos == "local" and method != "split":
-            raise ModelConfigError("pyramid.pool_cell_pos=local needs pool_method=split (masked cells share the "
-                                   "image's tokens and positions); set pyramid.pool_cell_pos=global")
+        cell_pos, wanted = self.check_pool_settings(split_block, method, cell_pos, layers)
         top = len(net.blocks) - 1
         layers = [self.layer] if layers is None else list(layers)
-        wanted = sorted({top if layer == -1 else layer for layer in layers})
-        if not 0 <= split_block <= wanted[0] + 1 or wanted[-1] > top:
-            raise ModelConfigError(f"pyramid.pool_split_block must be in 0..{wanted[0] + 1} and layers in "
-                                   f"0..{top}, got {split_block} and {layers}")
         x = net.norm_pre(net.patch_drop(net._pos_embed(net.patch_embed(images))))
         for block in net.blocks[:split_block]:
             x = block(x)
@@ -272,7 +304,7 @@ def resolve_device(device: str) -> torch.device:
 def _weights_source(cfg: DictConfig) -> tuple[str | None, str]:
     """(local checkpoint path or None, readable weights identity for the cache key)."""
     if cfg.get("checkpoint"):
-        path = Path(cfg.checkpoint)
+        path = Path(cfg.checkpoint).expanduser()
         if not path.is_file():
             raise ModelConfigError(f"{path}: model.checkpoint file not found")
         return str(path), f"file:{sha256_of(path)}"
@@ -364,6 +396,10 @@ def load_model(cfg: DictConfig, device: str = "auto", precision: str = "auto") -
         "precision": "fp16" if half else "fp32",
     }
     size = int(data_config["input_size"][-1])
+    patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)
+    if patch is not None and size % int(patch[0]):
+        raise ModelConfigError(f"model.image_size={cfg.image_size}: input size {size} is not a multiple of the patch "
+                               f"size {int(patch[0])} of {cfg.timm_name}")
     probe = torch.zeros(1, 3, size, size, device=torch_device, dtype=torch.float16 if half else torch.float32)
     dim = int(encoder(probe)[0].shape[-1])
     return LoadedModel(encoder, transform, data_config, fingerprint, torch_device, half, dim)
@@ -381,10 +417,11 @@ def with_layer(model: LoadedModel, layer: int) -> LoadedModel:
     """The same loaded encoder described at another block (fingerprint and width changed accordingly)."""
     if model.encoder.pool in ("head", "projection") and layer != -1:
         raise ModelConfigError(f"model.pool={model.encoder.pool} uses the model's own head and needs layer -1, got {layer}")
+    check_layer(model.encoder.backbone, layer)
     size = model.input_size
     probe = torch.zeros(1, 3, size, size, device=model.device, dtype=torch.float16 if model.half else torch.float32)
     dim = int(model.encoder(probe, [layer])[0].shape[-1])
     return replace(model, fingerprint={**model.fingerprint, "layer": int(layer)}, dim=dim)
 
 
-__all__ = ["Encoder", "LoadedModel", "ModelConfigError", "encode", "load_model", "resolve_device", "with_layer", "POOLS"]
+__all__ = ["Encoder", "LoadedModel", "ModelConfigError", "block_count", "check_layer", "encode", "load_model", "resolve_device", "with_layer", "POOLS"]

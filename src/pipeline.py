@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -17,27 +17,30 @@ from loguru import logger
 from omegaconf import DictConfig, OmegaConf
 
 from . import index as faiss_index
-from .cache import CacheError, content_key, list_key, load_arrays, save_arrays
-from .data import (IMAGE_EXTENSIONS, Dataset, DataError, ImageRecord, read_folder, read_ilias_layout, read_manifest,
-                   write_manifest)
-from .extraction import (ExtractStats, FeatureStore, PatchFeatures, describe_images, extract_missing,
-                         extract_pooled)
+from .bundle import read_bundle, write_bundle
+from .cache import CacheError, content_key, list_key
+from .data import (Dataset, DataError, ImageRecord, annotation_gaps, image_files, read_folder, read_ilias_layout,
+                   read_manifest, write_manifest)
+from .digests import DEFAULT_KEYS, DigestMemo, ImageKeys
+from .extraction import (CorruptChunk, ExtractStats, FeatureStore, PatchFeatures, describe_images, extract_missing,
+                         extract_pooled, warn_old_stores)
 from .metrics import QueryResult, evaluate, resolve_iou_thresholds
-from .model import LoadedModel, load_model
+from .model import LoadedModel, ModelConfigError, load_model
 from .pyramid import MAX_LEVEL, levels_for, patches_per_image
 from .rerank import rerank
 from .report import RunReport
 from .search import ImageHits, rows_of_ids, search_images
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work; one line."""
+from .settings import ConfigError, expand_paths, validate  # noqa: F401 (ConfigError: pipeline.ConfigError stays importable)
 
 
 # ----------------------------------------------------------------------------- data
 
-def load_dataset(cfg: DictConfig) -> Dataset:
-    """The dataset of ``cfg.dataset``: ILIAS layout (generated first for mini-ILIAS) or a folder."""
+def load_dataset(cfg: DictConfig, manifests: Path | None = None) -> Dataset:
+    """The dataset of ``cfg.dataset``: ILIAS layout (generated first for mini-ILIAS) or a folder.
+
+    Nothing is written into the dataset folder (it may be a read-only mount): a scanned ILIAS layout's
+    manifests go to ``manifests`` (the run folder) when given; pinned ones are read from ``root``.
+    """
     root = Path(cfg.root)
     if cfg.kind == "folder":
         return read_folder(root)
@@ -57,14 +60,29 @@ def load_dataset(cfg: DictConfig) -> Dataset:
     else:
         dataset = read_ilias_layout(root, cfg.core_dir, cfg.get("distractors"))
         dataset.name = cfg.name
-        write_manifest(query_manifest, dataset.queries, root)
-        write_manifest(gallery_manifest, dataset.gallery, root)
+        if manifests is not None:
+            write_manifest(Path(manifests) / query_manifest.name, dataset.queries, root)
+            write_manifest(Path(manifests) / gallery_manifest.name, dataset.gallery, root)
     if not dataset.gallery:
         raise DataError(f"{root}: the gallery is empty")
+    for line in dataset.skipped:
+        logger.warning(f"skipped distractor {line}")
+    warn_annotation_gaps(annotation_gaps(dataset))
     labelled = sum(r.instance is not None for r in dataset.gallery)
     logger.info(f"dataset {cfg.name}: {len(dataset.queries):,} queries, {len(dataset.gallery):,} gallery images "
                 f"({labelled:,} positives, {len(dataset.gallery) - labelled:,} distractors)")
     return dataset
+
+
+def warn_annotation_gaps(gaps: dict[str, list[str]], shown: int = 3) -> None:
+    """One warning line per kind of ground-truth gap, with the count and the first few ids."""
+    why = {"positives_without_boxes": "positives have no _bbox.txt (LocScore never counts them as localised)",
+           "queries_without_positives": "queries have no positive in the gallery (no <instance>/pos/ images; "
+                                        "each scores AP 0)"}
+    for kind, ids in gaps.items():
+        if ids:
+            more = f", ... ({len(ids) - shown} more)" if len(ids) > shown else ""
+            logger.warning(f"{len(ids)} {why[kind]}: {', '.join(ids[:shown])}{more}; counted in metrics.json")
 
 
 # ----------------------------------------------------------------------------- features
@@ -78,12 +96,14 @@ class FeatureSource:
     model_name: str
     cfg: DictConfig  # the whole config
     stats: list[ExtractStats]
-    writer: int = 0  # names this run's chunk files, so that concurrent shard jobs never write the same file
+    writer: int = 0  # shard index, part of this run's chunk file names
     l0_model: LoadedModel | None = None  # pool mode, pool_l0=whole: describes L0 as crop mode does
+    keys: ImageKeys = field(default_factory=ImageKeys)  # what each image is (hash of its bytes), memoised
+    cached_failures: set[str] = field(default_factory=set)  # read errors of images reused from the cache
 
     def store(self, model: LoadedModel, level: int, region: str = "full", mode: str = "crop") -> FeatureStore:
         store = FeatureStore(Path(self.cfg.paths.features), self.model_name, model.fingerprint, level, mode, region,
-                             writer=self.writer)
+                             writer=self.writer, keys=self.keys)
         store.open()
         return store
 
@@ -93,16 +113,30 @@ class FeatureSource:
 
         Pool mode describes every level from one pass per image, except L0 with
         ``pyramid.pool_l0=whole``: the whole image at the model's own input size, crop mode's L0.
+        A cache chunk found corrupt while gathering is set aside, and its images are extracted again.
         """
         ex = self.cfg.extract
         batching = dict(batch_size=ex.batch_size, num_workers=ex.num_workers, chunk_size=ex.chunk_size)
-        if self.cfg.pyramid.mode != "pool":
-            stores = {level: self.store(self.model, level, region) for level in levels}
-            self.stats.append(extract_missing(list(stores.values()), records, [self.model] * len(levels), **batching,
-                                              desc=f"{desc} L{'-'.join(map(str, levels))}"))
-        else:
-            stores = self._pool_stores(records, levels, region, desc, batching)
-        return PatchFeatures.concat([stores[level].gather(records, expected_dim=self.model.dim)[0] for level in levels])
+        for attempt in range(3):
+            if self.cfg.pyramid.mode != "pool":
+                stores = {level: self.store(self.model, level, region) for level in levels}
+                self.stats.append(extract_missing(list(stores.values()), records, [self.model] * len(levels),
+                                                  **batching, desc=f"{desc} L{'-'.join(map(str, levels))}"))
+            else:
+                stores = self._pool_stores(records, levels, region, desc, batching)
+            try:
+                return PatchFeatures.concat([self._gather(stores[level], records, self.model.dim) for level in levels])
+            except CorruptChunk:
+                if attempt == 2:
+                    raise CacheError(f"{stores[levels[0]].folder}: cache chunks keep failing their checks; "
+                                     "is another program writing there?") from None
+        raise AssertionError("unreachable")
+
+    def _gather(self, store: FeatureStore, records: list[ImageRecord], dim: int) -> PatchFeatures:
+        """``store.gather``, remembering the read errors of reused images (listed by every run)."""
+        patches, errors = store.gather(records, expected_dim=dim)
+        self.cached_failures.update(errors)
+        return patches
 
     def _pool_stores(self, records: list[ImageRecord], levels: list[int], region: str, desc: str,
                      batching: dict) -> dict[int, FeatureStore]:
@@ -123,18 +157,27 @@ class FeatureSource:
         return {**stores, **pooled}
 
     def totals(self) -> dict:
-        """Images extracted and reused, unreadable images, and extraction seconds over all stages so far."""
+        """Images extracted and reused, unreadable images (this run's and cached), and extraction seconds."""
+        self.keys.memo.save()
         return {"extracted": sum(s.extracted for s in self.stats), "reused": sum(s.reused for s in self.stats),
-                "failed": sorted({e for s in self.stats for e in s.failed}),
+                "failed": sorted({**{e.split(": ", 1)[0]: e for e in self.cached_failures},  # one line per file
+                                  **{e.split(": ", 1)[0]: e for s in self.stats for e in s.failed}}.values()),
                 "seconds": round(sum(s.seconds for s in self.stats), 2)}
 
     def queries(self, records: list[ImageRecord], region: str = "full") -> PatchFeatures:
         """One global descriptor per query image (level 0: the whole image or its box), cached."""
         ex = self.cfg.extract
-        store = self.store(self.query_model, 0, region)
-        self.stats.append(extract_missing([store], records, [self.query_model], batch_size=ex.batch_size,
-                                          num_workers=ex.num_workers, chunk_size=ex.chunk_size, desc="queries L0"))
-        return store.gather(records, expected_dim=self.query_model.dim)[0]
+        for attempt in range(3):
+            store = self.store(self.query_model, 0, region)
+            self.stats.append(extract_missing([store], records, [self.query_model], batch_size=ex.batch_size,
+                                              num_workers=ex.num_workers, chunk_size=ex.chunk_size, desc="queries L0"))
+            try:
+                return self._gather(store, records, self.query_model.dim)
+            except CorruptChunk:
+                if attempt == 2:
+                    raise CacheError(f"{store.folder}: cache chunks keep failing their checks; "
+                                     "is another program writing there?") from None
+        raise AssertionError("unreachable")
 
 
 def pool_settings(pyramid: DictConfig) -> tuple[int, str, str]:
@@ -176,7 +219,12 @@ def make_feature_source(cfg: DictConfig) -> FeatureSource:
         pool_l0 = str(cfg.pyramid.get("pool_l0", "whole"))
         if pool_l0 not in ("whole", "pooled"):
             raise ConfigError(f"pyramid.pool_l0 must be whole or pooled, got {pool_l0!r}")
-        model = load(_sized(cfg.model, cfg.pyramid.pool_image_size))
+        try:
+            model = load(_sized(cfg.model, cfg.pyramid.pool_image_size))
+        except ModelConfigError as err:
+            if "patch size" not in str(err):
+                raise
+            raise ConfigError(f"pyramid.pool_image_size={cfg.pyramid.pool_image_size}: {str(err).split(': ', 1)[1]}") from None
         query_size = int(cfg.pyramid.pool_query_size)
         query_model = load(cfg.model) if query_size == 0 else \
             model if query_size == model.input_size else load(_sized(cfg.model, query_size))
@@ -185,7 +233,22 @@ def make_feature_source(cfg: DictConfig) -> FeatureSource:
     logger.info(f"model {cfg.model.name}: {cfg.model.timm_name} ({model.fingerprint['weights']}), "
                 f"input {model.input_size}px (queries {query_model.input_size}px), layer {cfg.model.layer}, "
                 f"pool {cfg.model.pool}, dim {model.dim}, {model.device}{' fp16' if model.half else ''}")
-    return FeatureSource(model, query_model, cfg.model.name, cfg, [], writer=int(cfg.extract.shard), l0_model=l0_model)
+    check_against_model(cfg, model)
+    warn_old_stores(Path(cfg.paths.features))
+    memo = DigestMemo(Path(cfg.paths.features) / "digests", collection=str(Path(cfg.dataset.root).resolve()))
+    return FeatureSource(model, query_model, cfg.model.name, cfg, [], writer=int(cfg.extract.shard), l0_model=l0_model,
+                         keys=ImageKeys(memo))
+
+
+def check_against_model(cfg: DictConfig, model: LoadedModel) -> None:
+    """Settings that only the loaded model can check (src/settings.py checks the rest), before any work:
+    pool mode's split block and backbone kind, and the index's code size against the descriptor width."""
+    if cfg.pyramid.mode == "pool":
+        split, method, cell_pos = pool_settings(cfg.pyramid)
+        model.encoder.check_pool_settings(split, method, cell_pos)
+    spec = index_spec(cfg.index)
+    if spec.kind != "flat" and model.dim % spec.m:
+        raise ConfigError(f"index.m={spec.m}: must divide the descriptor width {model.dim} of model={cfg.model.name}")
 
 
 # ----------------------------------------------------------------------------- index
@@ -206,6 +269,23 @@ def training_levels(train_level: int, indexed_levels: list[int]) -> list[int]:
     if 0 <= train_level <= MAX_LEVEL:
         return [train_level]
     raise ConfigError(f"index.train_level must be -1, -2 or 0..{MAX_LEVEL}, got {train_level}")
+
+
+def check_index_fits(cfg: DictConfig, n_images: int, levels: list[int]) -> None:
+    """Before any extraction: the quantizers can be trained on at most the gallery's patches at the training
+    levels (capped by ``index.max_train_vectors``); refuse settings that need more (one line)."""
+    spec = index_spec(cfg.index)
+    if not spec.needs_training():
+        return
+    train_levels = training_levels(int(cfg.index.train_level), levels)
+    most = min(n_images * patches_per_image(train_levels), int(cfg.index.max_train_vectors))
+    needs = {"index.nbits": 2 ** spec.nbits, **({"index.nlist": spec.nlist} if spec.kind == "ivfpq" else {})}
+    for key, count in needs.items():
+        if most < count:
+            raise faiss_index.IndexConfigError(
+                f"{key}={cfg.index[key.split('.')[1]]}: needs at least {count:,} training vectors, but {n_images:,} "
+                f"gallery images give at most {most:,} (levels {train_levels}, index.max_train_vectors="
+                f"{int(cfg.index.max_train_vectors):,}); lower {key} or train on more levels")
 
 
 def training_sample(vectors: np.ndarray, limit: int, seed: int) -> np.ndarray:
@@ -278,12 +358,13 @@ class IndexFiles:
 
 
 def index_files(cfg: DictConfig, model_fingerprint: dict, gallery: list[ImageRecord], levels: list[int],
-                dim: int) -> IndexFiles:
-    """Where the trained index, the shard files and the populated index of these settings are cached."""
+                dim: int, keys: ImageKeys = DEFAULT_KEYS) -> IndexFiles:
+    """Where the trained index, the shard files and the populated index of these settings are cached
+    (keyed by the gallery's ids in order and what each image is, ``keys``)."""
     spec = index_spec(cfg.index)
     shards, on_disk = index_layout(cfg.index)
     train_levels = training_levels(int(cfg.index.train_level), levels)
-    gallery_key = list_key([f"{r.id}:{r.file_signature()}" for r in gallery])
+    gallery_key = list_key([f"{r.id}:{key}" for r, key in zip(gallery, keys.keys(gallery))])
     train_fields = {"model": model_fingerprint, "mode": patch_mode(cfg.pyramid), "factory": spec.factory_string(dim),
                     "metric": spec.metric, "train_levels": train_levels, "gallery": gallery_key,
                     "max_train": int(cfg.index.max_train_vectors), "seed": int(cfg.seed)}
@@ -361,7 +442,7 @@ def build_index(cfg: DictConfig, source: FeatureSource, gallery: list[ImageRecor
         index = faiss_index.create_index(spec, dim)
         faiss_index.add_vectors(index, patches.vectors, 0)
         return faiss_index.to_device(index, use_gpu)
-    files = index_files(cfg, source.model.fingerprint, gallery, levels, dim)
+    files = index_files(cfg, source.model.fingerprint, gallery, levels, dim, source.keys)
     if files.populated.exists():
         index = faiss_index.read_index(files.populated)  # on-disk lists are mapped, not loaded
         if index.ntotal == len(patches.vectors) and index.d == dim:
@@ -430,8 +511,9 @@ def rerank_hits(cfg: DictConfig, source: FeatureSource, dataset: Dataset, hits: 
 
 def run_eval(cfg: DictConfig, report: RunReport) -> dict:
     """Extract, index, search and score one configuration; write the run folder."""
-    dataset = load_dataset(cfg.dataset)
+    dataset = load_dataset(cfg.dataset, manifests=report.dir)
     levels = levels_for(int(cfg.pyramid.level), cfg.pyramid.multi_scale)
+    check_index_fits(cfg, len(dataset.gallery), levels)
     source = make_feature_source(cfg)
     queries = source.queries(dataset.queries, region=_query_region(cfg))
     if len(np.unique(queries.image)) != len(dataset.queries):
@@ -461,7 +543,10 @@ def run_eval(cfg: DictConfig, report: RunReport) -> dict:
     metrics["counts"] = {"queries": len(dataset.queries), "gallery_images": len(dataset.gallery),
                          "gallery_patches": int(len(gallery.vectors)), "levels": levels,
                          "extracted_images": totals["extracted"], "reused_images": totals["reused"],
-                         "skipped_images": totals["failed"]}
+                         "skipped_images": sorted(set(totals["failed"]) | set(dataset.skipped))}
+    gaps = annotation_gaps(dataset)
+    metrics["counts"].update({kind: len(ids) for kind, ids in gaps.items()})
+    metrics["annotation_gaps"] = gaps  # the ids, listed
     report.write_results(results, hits, metrics)
     if cfg.eval.visualize:
         report.write_visuals(dataset, results, hits, metrics, top=int(cfg.eval.visualize_top),
@@ -521,7 +606,7 @@ def run_index_step(cfg: DictConfig, report: RunReport, gallery: list[ImageRecord
     Shard i holds the i-th of ``index.shards`` slices of the gallery (the slicing of extract.shard); its
     features are read from the cache (extracted first if missing).
     """
-    files = index_files(cfg, source.model.fingerprint, gallery, levels, source.model.dim)
+    files = index_files(cfg, source.model.fingerprint, gallery, levels, source.model.dim, source.keys)
     if cfg.index.shard == "train":
         trained_index(cfg, source, gallery, levels, files)
         summary = {"trained": str(files.trained)}
@@ -548,23 +633,24 @@ def run_index(cfg: DictConfig, report: RunReport) -> dict:
     """
     dataset = load_dataset(cfg.dataset)
     levels = levels_for(int(cfg.pyramid.level), cfg.pyramid.multi_scale)
+    check_index_fits(cfg, len(dataset.gallery), levels)
     source = make_feature_source(cfg)
     if cfg.index.get("shard") is not None:
         return run_index_step(cfg, report, dataset.gallery, source, levels)
     patches = source.features(dataset.gallery, levels, desc="gallery")
     index = build_index(cfg, source, dataset.gallery, patches, levels)
     folder = bundle_folder(cfg, source.model.fingerprint, levels)
-    faiss_index.write_index(index, folder / "index.faiss")  # on disk: index.faiss + index.ivfdata
     ids = index_ids(cfg.index, patches, levels)
-    save_arrays(folder / "gallery.npz", ids=np.asarray([r.id for r in dataset.gallery], dtype=str),
-                paths=np.asarray([str(r.path) for r in dataset.gallery], dtype=str),
-                patch_image=patches.image, boxes=patches.boxes, levels=np.asarray(levels),
-                **({} if ids is None else {"patch_ids": ids}))
+    build = write_bundle(folder, index, {
+        "ids": np.asarray([r.id for r in dataset.gallery], dtype=str),
+        "paths": np.asarray([str(r.path) for r in dataset.gallery], dtype=str),
+        "patch_image": patches.image, "boxes": patches.boxes, "levels": np.asarray(levels),
+        **({} if ids is None else {"patch_ids": ids})})
     totals = source.totals()
-    skipped = sorted(set(totals["failed"]) | set(dataset.skipped))
-    summary = {"bundle": str(folder), "images": len(dataset.gallery), "patches": int(len(patches.vectors)),
-               "extracted": totals["extracted"], "reused": totals["reused"], "skipped": skipped,
-               "extract_s": totals["seconds"]}
+    skipped = unsearchable_images(dataset, patches, totals["failed"])
+    summary = {"bundle": str(folder), "build": str(build), "images": int(len(np.unique(patches.image))),
+               "patches": int(len(patches.vectors)), "extracted": totals["extracted"], "reused": totals["reused"],
+               "skipped": skipped, "extract_s": totals["seconds"]}
     report.write_json("index.json", summary)
     for line in skipped:
         logger.warning(f"skipped {line}")
@@ -573,12 +659,24 @@ def run_index(cfg: DictConfig, report: RunReport) -> dict:
     return summary
 
 
+def unsearchable_images(dataset: Dataset, patches: PatchFeatures, failed: list[str]) -> list[str]:
+    """One message per gallery image that is not in the index, sorted: unreadable when scanned or when
+    decoded (by this run or, remembered by the feature cache, an earlier one), or without any patch."""
+    skipped = set(failed) | set(dataset.skipped)
+    indexed = set(np.unique(patches.image).tolist())
+    for i, record in enumerate(dataset.gallery):
+        if i not in indexed and not any(message.startswith(f"{record.path}:") for message in skipped):
+            skipped.add(f"{record.path}: no patches in the feature cache (unreadable when it was encoded)")
+    return sorted(skipped)
+
+
 def _query_paths(path: str | None) -> list[Path]:
+    """The query image, or the image files of a query folder (:func:`src.data.image_files`)."""
     if not path:
         raise ConfigError("task=search needs a query image: query=PATH (a file or a folder of images)")
     path = Path(path)
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        found = image_files(path)
         if not found:
             raise DataError(f"{path}: no query images in this folder")
         return found
@@ -594,22 +692,22 @@ def run_search(cfg: DictConfig, report: RunReport) -> dict:
     levels = levels_for(int(cfg.pyramid.level), cfg.pyramid.multi_scale)
     source = make_feature_source(cfg)
     folder = bundle_folder(cfg, source.model.fingerprint, levels)
-    if not (folder / "index.faiss").is_file():
+    bundle = read_bundle(folder, dim=source.model.dim)  # every part checked against its manifest
+    if bundle is None:
         raise DataError(f"{folder}: no index for {cfg.dataset.root} with these settings; run task=index first")
-    index = faiss_index.read_index(folder / "index.faiss")  # an on-disk index is memory-mapped
-    gallery = load_arrays(folder / "gallery.npz")
+    index, gallery = bundle.index, bundle.gallery
     row_of_id = rows_of_ids(gallery["patch_ids"]) if "patch_ids" in gallery else None
-    if index.d != source.model.dim:
-        raise CacheError(f"{folder / 'index.faiss'}: index dimension {index.d} does not match the model's {source.model.dim}")
     faiss_index.set_search_params(index, index_spec(cfg.index))
     records = [ImageRecord(id=str(p), path=p) for p in _query_paths(cfg.query.path)]
     k = int(cfg.query.top_k)
-    output = []
+    output, skipped = [], []
     for record in records:
         started = time.perf_counter()
         vectors, errors = describe_images([record], source.query_model)
-        if errors:
-            raise DataError(errors[0])
+        if errors:  # an unreadable query is skipped and listed, as gallery images are
+            logger.warning(f"skipped query {errors[0]}")
+            skipped.append(errors[0])
+            continue
         hits = search_images(index, vectors, gallery["patch_image"], k, metric=str(cfg.index.metric),
                              row_of_id=row_of_id)
         seconds = time.perf_counter() - started
@@ -627,8 +725,11 @@ def run_search(cfg: DictConfig, report: RunReport) -> dict:
         picture = report.dir / f"search_{len(output):03d}_{record.path.stem}.jpg"
         strip.save(picture, quality=90)
         logger.info(f"picture: {picture}")
-    report.write_json("search.json", output)
-    return {"queries": len(output), "results": str(report.dir / "search.json")}
+    results = report.write_json("search.json", {"queries": output, "skipped": skipped})
+    if not output:
+        raise DataError(skipped[0] if len(skipped) == 1 else
+                        f"{cfg.query.path}: none of the {len(skipped)} query images is readable; first: {skipped[0]}")
+    return {"queries": len(output), "skipped": len(skipped), "results": str(results)}
 
 
 def check_index_sharding(cfg: DictConfig) -> None:
@@ -649,11 +750,10 @@ TASKS = {"eval": run_eval, "extract": run_extract, "index": run_index, "search":
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Run ``cfg.task`` and write its run folder."""
-    if cfg.task not in TASKS:
-        raise ConfigError(f"task must be one of {sorted(TASKS)}, got {cfg.task!r}")
-    if int(cfg.extract.num_shards) != 1 and cfg.task != "extract":
-        raise ConfigError(f"extract.num_shards={cfg.extract.num_shards} applies to task=extract only")
+    """Run ``cfg.task`` and write its run folder. Every setting is checked first (src/settings.py), ``~``
+    expanded in path settings."""
+    validate(cfg)  # task, extract.num_shards vs task, and every other key's domain
+    expand_paths(cfg)
     check_index_sharding(cfg)
     report = RunReport(run_dir, cfg)
     return TASKS[cfg.task](cfg, report)

@@ -20,13 +20,16 @@ images past N keep their place and score. Two stages (``rerank=refine|verify|bot
   unverified images keep their relative order, and no image is dropped or duplicated.
 
 Window descriptors and local features are cached like patch features (``KeyedStore``:
-content-keyed folder, atomic chunk files, keyed by image id + file signature [+ window]),
+content-keyed folder, atomic chunk files, keyed by a hash of the image's bytes [+ window]),
 so a second run computes nothing. Per-query milliseconds of each stage go to metrics.json.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import secrets
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,7 @@ from tqdm import tqdm
 from .assets import pip_package, sha256_of
 from .cache import CacheError, content_key, load_arrays, open_cache_folder, save_arrays
 from .data import ImageRecord, load_image
+from .digests import DEFAULT_KEYS
 from .extraction import PatchTransform
 from .model import LoadedModel, encode
 from .search import ImageHits
@@ -74,7 +78,10 @@ class KeyedStore:
                 arrays = load_arrays(path)
             except CacheError as err:
                 logger.warning(f"{err}; moved aside, its entries will be computed again")
-                path.rename(path.with_suffix(".corrupt"))
+                try:
+                    path.rename(path.with_name(path.name + ".corrupt"))
+                except OSError:
+                    pass  # already moved by a concurrent job
                 continue
             self._absorb(arrays)
 
@@ -100,17 +107,14 @@ class KeyedStore:
                   "offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)}
         for name in names:
             arrays[name] = np.concatenate([v[name] for v in entries.values()])
-        number = len(list(self.folder.glob("chunk-*.npz")))
-        path = self.folder / f"chunk-{number:06d}.npz"
-        while path.exists():
-            number += 1
-            path = self.folder / f"chunk-{number:06d}.npz"
-        save_arrays(path, **arrays)
+        path = self.folder / f"chunk-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.npz"
+        save_arrays(path, **arrays)  # a name of its own: concurrent jobs never write the same file
         self._absorb(arrays)
 
 
 def _image_key(record: ImageRecord) -> str:
-    return f"{record.id}|{record.file_signature()}"
+    """What the image is (a hash of its bytes, src/digests.py), never its name: see src/extraction.py."""
+    return DEFAULT_KEYS.key(record) or f"unreadable:{record.path}"
 
 
 # ----------------------------------------------------------------------------- boxes

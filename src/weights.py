@@ -49,11 +49,9 @@ renamed into place, under a file lock.
 
 from __future__ import annotations
 
-import fcntl
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,7 +62,8 @@ import numpy as np
 import torch
 from loguru import logger
 
-from .assets import AssetError, assets_root, pip_package, sha256_of
+from .assets import AssetError, assets_root, file_lock, pip_package, sha256_of
+from .cache import discard, tmp_path_for
 
 if TYPE_CHECKING:
     import onnx
@@ -292,24 +291,23 @@ def _convert(spec: PackagedWeights) -> dict[str, torch.Tensor]:
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    """``write(tmp)`` then rename into place; a disk error is one AssetError line, nothing replaced."""
+    tmp = tmp_path_for(path)
     try:
-        write(Path(tmp))
+        write(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        raise AssetError(f"{path}: cannot write the converted weights ({err.strerror or err}); set "
+                         "PATCHIFY_ASSETS=DIR to a writable folder") from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        discard(tmp)
 
 
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    with open(path.with_name(path.name + ".lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """Hold ``<path>.lock`` (filelock): one job converts, the others wait and then find the file."""
+    with file_lock(path.with_name(path.name + ".lock"), f"converting {path.name}"):
+        yield
 
 
 def _sidecar(path: Path) -> Path:
@@ -333,8 +331,7 @@ def packaged_checkpoint(name: str) -> Path:
     path = assets_root() / "weights" / f"{name}.pth"
     if _is_valid(path):
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path):
+    with _locked(path):  # makes the folder
         if _is_valid(path):  # another process converted it meanwhile
             return path
         if path.exists():

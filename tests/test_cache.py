@@ -1,4 +1,4 @@
-"""Tests for src/cache.py: content keys, atomic writes, npz loading, temp-file sweeping."""
+"""Tests for src/cache.py: content keys, atomic writes, npz loading, temp-file sweeping, unwritable folders."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import builtins
 import errno
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +18,16 @@ from src.cache import (
     CacheError,
     atomic_write_bytes,
     atomic_write_text,
+    check_writable,
     content_key,
     list_key,
     load_arrays,
+    open_cache_folder,
     save_arrays,
     sweep_temporaries,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 FIELDS = {"model": {"timm_name": "test_vit", "tag": None, "layer": -1, "preprocess": {"input_size": [3, 160, 160]}},
           "level": 3, "mode": "crop", "precision": "fp32"}
@@ -236,28 +242,154 @@ def test_load_arrays_refuses_pickled_objects(tmp_path):
 # ----------------------------------------------------------------------------- sweeping
 
 
-def test_sweep_temporaries_removes_only_temporaries(tmp_path):
-    keep = ["chunk-000000.npz", "meta.json", "notes.tmp", ".hidden", "tmp-1"]
-    drop = [".chunk-000001.npz.tmp-123", ".meta.json.tmp-99999"]
+def _dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_tmp_path_for_names_host_and_pid(tmp_path):
+    tmp = cache.tmp_path_for(tmp_path / "chunk-000000.npz")
+    assert tmp.parent == tmp_path
+    assert tmp.name == f".chunk-000000.npz.tmp-{cache.HOST}-{os.getpid()}"
+    match = cache.TEMP_NAME.search(tmp.name)
+    assert match["host"] == cache.HOST and int(match["pid"]) == os.getpid()
+
+
+def test_sweep_removes_only_temporaries_whose_writer_is_gone(tmp_path, monkeypatch):
+    dead = _dead_pid()
+    keep = ["chunk-000000.npz", "meta.json", "notes.tmp", ".hidden", "tmp-1", f".a.tmp-{cache.HOST}-x1",
+            f".live.npz.tmp-{cache.HOST}-{os.getpid()}",   # this process: a live writer
+            f".other.npz.tmp-node-17.cluster-{dead}",      # another host's, fresh: its writer may be alive
+            f"x.faiss.tmp-{dead}", f".gallery.npz.tmp-{dead}"]  # older names without a host, fresh
+    drop = [f".chunk-000001.npz.tmp-{cache.HOST}-{dead}"]      # this host, writer gone
     for name in keep + drop:
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / ".a.tmp-1").write_bytes(b"x")
-    sweep_temporaries(tmp_path)
+    (tmp_path / "sub" / f".a.tmp-{cache.HOST}-{dead}").write_bytes(b"x")
+    assert sweep_temporaries(tmp_path) == [tmp_path / name for name in drop]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep + ["sub"])
-    assert (tmp_path / "sub" / ".a.tmp-1").exists()  # not recursive: only the given folder
+    assert (tmp_path / "sub" / f".a.tmp-{cache.HOST}-{dead}").exists()  # not recursive: only the given folder
+
+    monkeypatch.setattr(cache, "FOREIGN_TEMP_AGE_S", -1.0)  # as if a day had passed
+    sweep_temporaries(tmp_path)
+    foreign = {f".other.npz.tmp-node-17.cluster-{dead}", f"x.faiss.tmp-{dead}", f".gallery.npz.tmp-{dead}"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(keep) - foreign | {"sub"})
 
 
 def test_sweep_temporaries_on_missing_folder_is_a_no_op(tmp_path):
-    sweep_temporaries(tmp_path / "absent")
+    assert sweep_temporaries(tmp_path / "absent") == []
     assert not (tmp_path / "absent").exists()
+
+
+def test_sweep_never_raises_when_it_cannot_remove(tmp_path, monkeypatch):
+    leftover = tmp_path / f".chunk.npz.tmp-{cache.HOST}-{_dead_pid()}"
+    leftover.write_bytes(b"x")
+
+    def read_only(self, missing_ok=False):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    assert sweep_temporaries(tmp_path) == []
+    monkeypatch.undo()
+    assert leftover.exists()
+
+
+_WRITER = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from src.cache import tmp_path_for
+path = Path(sys.argv[2])
+tmp = tmp_path_for(path)
+tmp.write_bytes(b"half written")
+print(tmp, flush=True)
+if sys.argv[3] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+sys.stdin.read()  # until the test lets it go on
+os.replace(tmp, path)
+"""
+
+
+def _writer(path: Path, mode: str) -> tuple[subprocess.Popen, Path]:
+    child = subprocess.Popen([sys.executable, "-c", _WRITER, str(ROOT), str(path), mode], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    return child, Path(child.stdout.readline().strip())
 
 
 def test_killed_writer_leftover_is_swept_and_never_the_final_name(tmp_path):
     path = tmp_path / "chunk-000000.npz"
-    leftover = cache._tmp_path(path)
-    assert leftover.parent == tmp_path and leftover.name.startswith(".") and ".tmp-" in leftover.name
-    leftover.write_bytes(b"half")
+    child, leftover = _writer(path, "kill")
+    assert child.wait() == -9
+    assert leftover.parent == tmp_path and leftover.name.startswith(".") and leftover.exists()
     assert not path.exists()
-    sweep_temporaries(tmp_path)
+    assert sweep_temporaries(tmp_path) == [leftover]
     assert not leftover.exists()
+
+
+def test_another_jobs_temporary_survives_opening_the_folder(tmp_path):
+    """Two jobs share one cache folder: the second opening it must not sweep the first's
+    temporary, whose rename would then fail."""
+    folder = tmp_path / "store"
+    open_cache_folder(folder, {"a": 1})
+    path = folder / "chunk-0001-000000.npz"
+    child, tmp = _writer(path, "wait")
+    open_cache_folder(folder, {"a": 1})  # the second job
+    assert tmp.exists()
+    child.stdin.close()
+    assert child.wait() == 0
+    assert path.read_bytes() == b"half written" and not tmp.exists()
+
+
+# ----------------------------------------------------------------------------- unwritable folders
+
+
+def test_check_writable_leaves_nothing(tmp_path):
+    check_writable(tmp_path / "new" / "store")
+    assert list((tmp_path / "new" / "store").iterdir()) == []
+
+
+def test_check_writable_names_the_folder_and_the_setting(tmp_path, monkeypatch):
+    real_open = builtins.open
+
+    def read_only(file, mode="r", *args, **kwargs):
+        if "w" in mode and ".tmp-" in str(file):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", read_only)
+    with pytest.raises(CacheError) as err:
+        check_writable(tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(str(tmp_path))
+    assert "Read-only file system" in message and "paths.features=DIR" in message
+
+
+def test_unwritable_cache_folder_is_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(CacheError) as err:
+        open_cache_folder(blocker / "store", {"a": 1})
+    message = str(err.value)
+    assert "\n" not in message and str(blocker / "store") in message and "paths.features=DIR" in message
+    with pytest.raises(CacheError, match="not writable"):
+        check_writable(blocker / "store")
+    with pytest.raises(CacheError, match="cannot write cache file"):
+        atomic_write_text(blocker / "store" / "meta.json", "{}")
+
+
+def test_read_only_folder_with_everything_cached_still_opens(tmp_path, monkeypatch):
+    folder = tmp_path / "store"
+    open_cache_folder(folder, {"a": 1})
+    leftover = folder / f".chunk.npz.tmp-{cache.HOST}-{_dead_pid()}"
+    leftover.write_bytes(b"x")
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    monkeypatch.setattr(cache.os, "replace", read_only)
+    open_cache_folder(folder, {"a": 1})  # reads meta.json; the sweep cannot remove and says nothing
+    monkeypatch.undo()
+    assert leftover.exists()

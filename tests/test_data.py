@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
+from conftest import compose_config
 from fixtures import make_ilias_fixture
 from PIL import Image
 
 from src.data import (
     DataError,
     ImageRecord,
+    annotation_gaps,
+    image_files,
     image_size,
     load_image,
     read_box_file,
@@ -411,6 +415,113 @@ def test_read_folder_missing(tmp_path):
         read_folder(tmp_path / "absent")
 
 
+def test_image_files_ignores_hidden_files_folders_named_like_images_and_link_loops(tmp_path):
+    root = tmp_path / "photos"
+    for name in ("a.jpg", "sub/b.PNG", "album.jpg/c.jpg", "._a.jpg", ".thumbs/d.jpg", "notes.txt"):
+        _save(Image.new("RGB", (4, 4)), root / name, format="PNG")
+    os.symlink("loop.jpg", root / "loop.jpg")  # a file link to itself: listed, unreadable
+    os.symlink(".", root / "sub" / "again")  # a folder loop: not followed
+    os.symlink(root / "sub", root / "linked.jpg")  # a folder link named like an image: not a file, not followed
+    os.symlink(root / "a.jpg", root / "sub" / "link_to_a.jpg")  # a file link: read through it
+    assert [p.relative_to(root).as_posix() for p in image_files(root)] == [
+        "a.jpg", "album.jpg/c.jpg", "loop.jpg", "sub/b.PNG", "sub/link_to_a.jpg"]
+
+
+def test_read_folder_lists_a_link_loop_and_a_broken_link(tmp_path):
+    root = tmp_path / "photos"
+    _save(Image.new("RGB", (12, 10)), root / "a.jpg")
+    os.symlink("loop.jpg", root / "loop.jpg")
+    os.symlink(root / "absent.jpg", root / "dangling.jpg")
+    (root / "album.jpg").mkdir()
+    dataset = read_folder(root)
+    assert [r.id for r in dataset.gallery] == ["a.jpg"]
+    assert [line.split(":")[0] for line in dataset.skipped] == [str(root / "dangling.jpg"), str(root / "loop.jpg")]
+
+
+def test_distractors_are_scanned_by_the_same_walker(ilias_copy):
+    distractors = ilias_copy / "distractors"
+    (distractors / "set.jpg").mkdir()
+    shutil.copy(distractors / "D000000.jpg", distractors / "._D000000.jpg")
+    os.symlink(".", distractors / "set.jpg" / "loop")
+    dataset = read_ilias_layout(ilias_copy, distractors="distractors")
+    assert sorted(r.id for r in dataset.gallery if r.instance is None) == [f"distractors/D{d:06d}.jpg" for d in range(4)]
+
+
+# ----------------------------------------------------------------------------- annotation gaps
+
+
+def _with_gaps(root: Path) -> Path:
+    """A fixture copy with a positive lacking its box file and an instance whose pos/ is empty."""
+    (root / "ilias_core" / "thing_001" / "pos" / "P001_02_bbox.txt").unlink()
+    for path in (root / "ilias_core" / "thing_003" / "pos").iterdir():
+        path.unlink()
+    return root
+
+
+def test_annotation_gaps_of_the_layout(ilias_copy):
+    assert annotation_gaps(read_ilias_layout(ilias_copy)) == {"positives_without_boxes": [],
+                                                              "queries_without_positives": []}
+    gaps = annotation_gaps(read_ilias_layout(_with_gaps(ilias_copy)))
+    assert gaps == {"positives_without_boxes": ["thing_001/pos/P001_02.jpg"],
+                    "queries_without_positives": ["thing_003/query/Q003_00.jpg"]}
+
+
+def _eval(root: Path, tmp_path: Path, name: str) -> dict:
+    from src.pipeline import run
+
+    run(compose_config(["experiment=smoke", f"dataset.root={root}", "dataset.generate=null", "dataset.name=fixture",
+                        f"paths.features={tmp_path / 'features'}", f"paths.indices={tmp_path / 'indices'}",
+                        "pyramid.level=1"]), tmp_path / name)
+    return json.loads((tmp_path / name / "metrics.json").read_text())
+
+
+def test_annotation_gaps_are_warned_and_counted_in_metrics(ilias_copy, tmp_path, warnings_log):
+    metrics = _eval(_with_gaps(ilias_copy), tmp_path, "run")
+    assert metrics["counts"]["positives_without_boxes"] == 1 and metrics["counts"]["queries_without_positives"] == 1
+    assert metrics["annotation_gaps"]["queries_without_positives"] == ["thing_003/query/Q003_00.jpg"]
+    gap_lines = [m for m in warnings_log if "metrics.json" in m]
+    assert len(gap_lines) == 2 and "thing_001/pos/P001_02.jpg" in gap_lines[0] and "_bbox.txt" in gap_lines[0]
+    assert "thing_003/query/Q003_00.jpg" in gap_lines[1] and "AP 0" in gap_lines[1]
+
+
+# ----------------------------------------------------------------------------- a read-only dataset
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in root.rglob("*")} | \
+        {".": (0, root.stat().st_mtime_ns)}
+
+
+def test_eval_never_writes_into_the_dataset_folder(ilias_copy, tmp_path):
+    """A read-only ILIAS copy (a shared mount) evaluates: the scanned manifests go to the run folder. As root,
+    chmod stops nothing, so the listing and every mtime before and after are compared as well."""
+    before = _snapshot(ilias_copy)
+    if os.geteuid() != 0:
+        for path in [ilias_copy, *ilias_copy.rglob("*")]:
+            path.chmod(path.stat().st_mode & ~0o222)
+    try:
+        _eval(ilias_copy, tmp_path, "run")
+    finally:
+        for path in [ilias_copy, *ilias_copy.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)
+    assert _snapshot(ilias_copy) == before
+    written = read_manifest(tmp_path / "run" / "gallery.json", ilias_copy)
+    assert len(written) == 16 and len(read_manifest(tmp_path / "run" / "query.json", ilias_copy)) == 4
+
+
+def test_pinned_manifests_are_read_from_the_dataset_root(ilias_copy, tmp_path):
+    """To pin a subset: edit the run folder's manifests and place them in the dataset root."""
+    _eval(ilias_copy, tmp_path, "scan")
+    gallery = json.loads((tmp_path / "scan" / "gallery.json").read_text())
+    gallery["images"] = gallery["images"][:9]
+    (ilias_copy / "gallery.json").write_text(json.dumps(gallery))
+    shutil.copy(tmp_path / "scan" / "query.json", ilias_copy / "query.json")
+    from src.pipeline import load_dataset
+
+    dataset = load_dataset(compose_config([f"dataset.root={ilias_copy}", "dataset.pin_manifest=true"]).dataset)
+    assert len(dataset.gallery) == 9 and len(dataset.queries) == 4
+
+
 # ----------------------------------------------------------------------------- manifests
 
 
@@ -493,3 +604,11 @@ def test_file_signature_changes_with_content(tmp_path):
     before = record.file_signature()
     path.write_bytes(b"12")
     assert record.file_signature() != before
+
+
+def test_an_unreadable_distractor_is_skipped_and_listed_not_fatal(tmp_path):
+    root = make_ilias_fixture(tmp_path / "ilias")
+    (root / "distractors" / "broken.jpg").write_text("not an image")
+    dataset = read_ilias_layout(root, distractors="distractors")
+    assert len(dataset.skipped) == 1 and "broken.jpg" in dataset.skipped[0]
+    assert all(r.path.name != "broken.jpg" for r in dataset.gallery) and len(dataset.gallery) == 4 * 3 + 4

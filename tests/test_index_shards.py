@@ -260,16 +260,16 @@ def test_independent_shard_jobs_then_merge_then_search(ivfpq, tmp_path, ilias_fi
         summary = run(compose_config(common + ["task=index", f"index.shard={shard}"]), tmp_path / f"shard{shard}")
         assert summary["shard"].endswith(f"shard{shard:03d}-of-003.faiss") and summary["patches"] > 0
     monkeypatch.setattr(faiss_index, "populate_shard", lambda *a, **k: pytest.fail("the final run only merges"))
-    bundle = Path(run(compose_config(common + ["task=index"]), tmp_path / "merge")["bundle"])
-    assert {"index.faiss", "index.ivfdata", "gallery.npz"} <= {p.name for p in bundle.iterdir()}
+    build = Path(run(compose_config(common + ["task=index"]), tmp_path / "merge")["build"])
+    assert {"index.faiss", "index.ivfdata", "gallery.npz"} <= {p.name for p in build.iterdir()}
     query = sorted((ilias_fixture / "ilias_core").glob("*/pos/*.jpg"))[4]
     run(compose_config(common + ["task=search", f"query.path={query}"]), tmp_path / "search")
-    (on_disk,) = json.loads((tmp_path / "search" / "search.json").read_text())
+    (on_disk,) = json.loads((tmp_path / "search" / "search.json").read_text())["queries"]
     # The same settings without shards write an ordinary index into the same bundle; search finds the same.
-    run(compose_config(folder + ["task=index"]), tmp_path / "index_one_file")
-    assert not (bundle / "index.ivfdata").exists()
+    one_file_build = Path(run(compose_config(folder + ["task=index"]), tmp_path / "index_one_file")["build"])
+    assert not build.exists() and not (one_file_build / "index.ivfdata").exists()  # the on-disk build is gone
     run(compose_config(folder + ["task=search", f"query.path={query}"]), tmp_path / "s1")
-    (one_file,) = json.loads((tmp_path / "s1" / "search.json").read_text())
+    (one_file,) = json.loads((tmp_path / "s1" / "search.json").read_text())["queries"]
     assert [r["path"] for r in on_disk["results"]] == [r["path"] for r in one_file["results"]]
     assert [r["score"] for r in on_disk["results"]] == pytest.approx([r["score"] for r in one_file["results"]], abs=1e-4)
     assert [r["box"] for r in on_disk["results"]] == [r["box"] for r in one_file["results"]]

@@ -1,0 +1,271 @@
+"""The task=index/task=search bundle (src/bundle.py): written and read as one unit, every part checked."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+from conftest import compose_config
+
+import src.bundle as bundle_module
+from src.bundle import POINTER, read_bundle, write_bundle
+from src.cache import CacheError, save_arrays
+from src.data import DataError
+from src.pipeline import run
+
+
+def _parts(rows: int = 12, images: int = 4, dim: int = 8, seed: int = 0):
+    """A flat index of ``rows`` random unit vectors and its gallery arrays (``rows // images`` patches each)."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((rows, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = faiss.IndexFlatIP(dim)
+    index.add(vectors)
+    gallery = {"ids": np.asarray([f"img{i}.jpg" for i in range(images)]),
+               "paths": np.asarray([f"/photos/img{i}.jpg" for i in range(images)]),
+               "patch_image": np.repeat(np.arange(images), rows // images).astype(np.int64),
+               "boxes": rng.uniform(0, 100, (rows, 4)).astype(np.float32), "levels": np.asarray([0, 1])}
+    return index, gallery, vectors
+
+
+def _builds(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("build-*"))
+
+
+def test_round_trip_and_manifest(tmp_path):
+    index, gallery, vectors = _parts()
+    build = write_bundle(tmp_path / "b", index, gallery)
+    read = read_bundle(tmp_path / "b", dim=8)
+    assert read.build == build and _builds(tmp_path / "b") == [build.name]
+    assert read.index.ntotal == 12 and np.array_equal(read.index.reconstruct_n(0, 12), vectors)
+    assert all(np.array_equal(read.gallery[name], gallery[name]) for name in gallery)
+    assert read.manifest["counts"] == {"images": 4, "indexed_images": 4, "patches": 12, "ntotal": 12, "dim": 8}
+    assert set(read.manifest["parts"]) == {"index.faiss", "gallery.npz"}
+    pointer = json.loads((tmp_path / "b" / POINTER).read_text())
+    assert pointer["build"] == build.name
+
+
+def test_nothing_written_is_no_bundle_and_leftover_builds_are_not_read(tmp_path):
+    assert read_bundle(tmp_path / "absent", dim=8) is None
+    index, gallery, _ = _parts()
+    build = write_bundle(tmp_path / "b", index, gallery)
+    (tmp_path / "b" / POINTER).unlink()  # as if the writer was killed before its commit
+    assert read_bundle(tmp_path / "b", dim=8) is None
+    assert build.is_dir()
+    second = write_bundle(tmp_path / "b", *_parts(seed=1)[:2])  # the next write cleans the leftover
+    assert _builds(tmp_path / "b") == [second.name]
+
+
+def test_a_writer_killed_between_the_parts_leaves_the_previous_bundle(tmp_path, monkeypatch):
+    old_index, old_gallery, old_vectors = _parts(seed=0)
+    first = write_bundle(tmp_path / "b", old_index, old_gallery)
+    new_index, new_gallery, _ = _parts(rows=16, seed=1)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # after index.faiss was written, before gallery.npz
+
+    monkeypatch.setattr(bundle_module, "save_arrays", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_bundle(tmp_path / "b", new_index, new_gallery)
+    read = read_bundle(tmp_path / "b", dim=8)
+    assert read.build == first and _builds(tmp_path / "b") == [first.name]  # the half build was removed
+    assert np.array_equal(read.index.reconstruct_n(0, 12), old_vectors)
+    assert np.array_equal(read.gallery["patch_image"], old_gallery["patch_image"])
+
+
+def test_a_kill_in_every_step_of_a_write_leaves_a_whole_bundle(tmp_path, monkeypatch):
+    """Each file operation of a write fails in turn (the N-th atomic replace raises): the bundle read is
+    always the previous one or the new one, never a mix; the next write succeeds and cleans up."""
+    old_index, old_gallery, _ = _parts(seed=0)
+    new_index, new_gallery, _ = _parts(rows=16, seed=1)
+    real_replace = os.replace
+    for fail_at in range(1, 10):
+        folder = tmp_path / f"b{fail_at}"
+        write_bundle(folder, old_index, old_gallery)
+        calls = []
+
+        def replace(src, dst, *args, **kwargs):
+            calls.append(dst)
+            if len(calls) == fail_at:
+                raise KeyboardInterrupt
+            return real_replace(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(os, "replace", replace)
+        try:
+            write_bundle(folder, new_index, new_gallery)
+            finished = True
+        except KeyboardInterrupt:
+            finished = False
+        monkeypatch.setattr(os, "replace", real_replace)
+        read = read_bundle(folder, dim=8)
+        assert read.index.ntotal == len(read.gallery["patch_image"]) == (16 if finished else 12)
+        if finished:
+            break
+    else:
+        pytest.fail("the write never finished")
+    assert fail_at > 3  # index, gallery, manifest and pointer were each interrupted once
+
+
+def test_a_reader_whose_build_is_replaced_while_it_opens_it_reads_the_new_one(tmp_path, monkeypatch):
+    """Readers take no lock: a build removed between reading current.json and its files is read again."""
+    first = write_bundle(tmp_path / "b", *_parts(seed=0)[:2])
+    real_read_build, builds = bundle_module._read_build, []
+
+    def read_build(folder, pointer, dim):
+        if not builds:  # a writer commits and removes the build this reader is about to open
+            builds.append(write_bundle(tmp_path / "b", *_parts(rows=16, seed=1)[:2]))
+        return real_read_build(folder, pointer, dim)
+
+    monkeypatch.setattr(bundle_module, "_read_build", read_build)
+    read = read_bundle(tmp_path / "b", dim=8)
+    assert not first.exists() and read.build == builds[0] and read.index.ntotal == 16
+
+
+@pytest.mark.parametrize("part", ["gallery.npz", "index.faiss", "manifest.json"])
+def test_a_swapped_or_edited_part_is_refused_in_one_line(tmp_path, part):
+    index, gallery, _ = _parts(seed=0)
+    build = write_bundle(tmp_path / "b", index, gallery)
+    other = write_bundle(tmp_path / "other", *_parts(seed=1)[:2])  # same sizes, other content
+    shutil.copy(other / part, build / part)
+    with pytest.raises(CacheError, match="re-run task=index") as err:
+        read_bundle(tmp_path / "b", dim=8)
+    assert "\n" not in str(err.value) and str(build) in str(err.value)
+
+
+def test_parts_that_disagree_with_each_other_are_refused(tmp_path):
+    """A manifest consistent with its parts, but parts that disagree (as a buggy writer would leave)."""
+    index, gallery, _ = _parts()
+    build = write_bundle(tmp_path / "b", index, gallery)
+    save_arrays(build / "gallery.npz", **{**gallery, "patch_image": gallery["patch_image"][:-1],
+                                          "boxes": gallery["boxes"][:-1]})
+    manifest = json.loads((build / "manifest.json").read_text())
+    manifest["parts"]["gallery.npz"] = {"size": (build / "gallery.npz").stat().st_size,
+                                        "sha256": bundle_module.sha256_file(build / "gallery.npz")}
+    text = json.dumps(manifest, indent=1, sort_keys=True)
+    (build / "manifest.json").write_text(text)
+    pointer = json.loads((tmp_path / "b" / POINTER).read_text())
+    pointer["manifest_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    (tmp_path / "b" / POINTER).write_text(json.dumps(pointer))
+    with pytest.raises(CacheError, match="patches is 11, the manifest says 12; re-run task=index"):
+        read_bundle(tmp_path / "b", dim=8)
+
+
+def test_a_model_of_another_dimension_is_refused(tmp_path):
+    write_bundle(tmp_path / "b", *_parts()[:2])
+    with pytest.raises(CacheError, match="index dimension 8 does not match the model's 16; re-run task=index"):
+        read_bundle(tmp_path / "b", dim=16)
+
+
+@pytest.mark.parametrize("text", ["{", "[]", '{"format": 99, "build": "build-x"}', '{"format": 1, "build": "../x"}'])
+def test_a_bad_pointer_is_refused(tmp_path, text):
+    write_bundle(tmp_path / "b", *_parts()[:2])
+    (tmp_path / "b" / POINTER).write_text(text)
+    with pytest.raises(CacheError, match="re-run task=index"):
+        read_bundle(tmp_path / "b", dim=8)
+
+
+def test_a_pointer_to_a_missing_build_is_refused(tmp_path):
+    build = write_bundle(tmp_path / "b", *_parts()[:2])
+    shutil.rmtree(build)
+    with pytest.raises(CacheError, match="missing part of the search index; re-run task=index"):
+        read_bundle(tmp_path / "b", dim=8)
+
+
+def test_a_legacy_bundle_is_refused_and_replaced_by_the_next_write(tmp_path):
+    index, gallery, _ = _parts()
+    folder = tmp_path / "b"
+    folder.mkdir()
+    faiss.write_index(index, str(folder / "index.faiss"))
+    save_arrays(folder / "gallery.npz", **gallery)
+    with pytest.raises(CacheError, match="predates the atomic bundle format; re-run task=index") as err:
+        read_bundle(folder, dim=8)
+    assert "features are reused" in str(err.value)
+    build = write_bundle(folder, index, gallery)
+    assert {p.name for p in folder.iterdir() if p.name != ".lock"} == {POINTER, build.name}
+    assert read_bundle(folder, dim=8).build == build
+
+
+def test_a_writer_gives_inconsistent_parts_no_chance(tmp_path):
+    index, gallery, _ = _parts()
+    with pytest.raises(ValueError, match="11 patch rows for 12 index rows"):
+        write_bundle(tmp_path / "b", index, {**gallery, "patch_image": gallery["patch_image"][:-1]})
+    assert not (tmp_path / "b" / POINTER).exists()
+
+
+# ----------------------------------------------------------------------------- through task=index / task=search
+
+
+@pytest.fixture
+def photos(tmp_path, ilias_fixture):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in sorted((ilias_fixture / "ilias_core").glob("*/pos/*.jpg"))[:5]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def _config(tmp_path, folder, *extra):
+    return compose_config(["experiment=smoke", "dataset=folder", f"dataset.root={folder}",
+                           f"paths.features={tmp_path / 'f'}", f"paths.indices={tmp_path / 'i'}", "pyramid.level=1",
+                           *extra])
+
+
+def _top(tmp_path, folder, query, name) -> dict:
+    run(_config(tmp_path, folder, "task=search", f"query.path={query}"), tmp_path / name)
+    (result,) = json.loads((tmp_path / name / "search.json").read_text())["queries"]
+    return result["results"][0]
+
+
+def test_task_index_killed_after_the_index_file_keeps_answering_right(tmp_path, photos, monkeypatch):
+    """The issue's case: an image renamed and re-extracted, task=index killed between index.faiss and
+    gallery.npz. Search still answers from the previous bundle, whole: the right file with its own box."""
+    first = run(_config(tmp_path, photos, "task=index"), tmp_path / "index")
+    query = sorted(photos.glob("*.jpg"))[2]
+    before = _top(tmp_path, photos, query, "s1")
+    assert before["path"] == str(query) and before["score"] == pytest.approx(1, abs=1e-4)
+    renamed = photos / "Z_renamed.jpg"
+    query.rename(renamed)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bundle_module, "save_arrays", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(_config(tmp_path, photos, "task=index"), tmp_path / "killed")
+    monkeypatch.undo()
+    after = _top(tmp_path, photos, renamed, "s2")  # the old bundle: the old name, its own box, nothing mixed
+    assert after == before
+    second = run(_config(tmp_path, photos, "task=index"), tmp_path / "index2")
+    assert second["extracted"] == 0 and Path(second["build"]) != Path(first["build"])
+    assert not Path(first["build"]).exists()
+    fresh = _top(tmp_path, photos, renamed, "s3")
+    assert fresh["path"] == str(renamed) and fresh["box"] == before["box"]
+
+
+def test_task_search_on_a_tampered_or_legacy_bundle_is_one_line(tmp_path, photos):
+    summary = run(_config(tmp_path, photos, "task=index"), tmp_path / "index")
+    build, query = Path(summary["build"]), sorted(photos.glob("*.jpg"))[0]
+    gallery = dict(np.load(build / "gallery.npz"))
+    save_arrays(build / "gallery.npz", **{**gallery, "patch_image": gallery["patch_image"][::-1].copy()})
+    with pytest.raises(CacheError, match="gallery.npz: content differs from the manifest.*re-run task=index"):
+        _top(tmp_path, photos, query, "s1")
+    folder = Path(summary["bundle"])  # a bundle of the previous format: loose files, no current.json
+    for part in ("index.faiss", "gallery.npz"):
+        shutil.copy(build / part, folder / part)
+    shutil.rmtree(build)
+    (folder / POINTER).unlink()
+    with pytest.raises(CacheError, match="predates the atomic bundle format; re-run task=index"):
+        _top(tmp_path, photos, query, "s2")
+    run(_config(tmp_path, photos, "task=index"), tmp_path / "index2")
+    assert _top(tmp_path, photos, query, "s3")["path"] == str(query)
+
+
+def test_search_without_a_bundle_says_to_index_first(tmp_path, photos):
+    with pytest.raises(DataError, match="run task=index first"):
+        _top(tmp_path, photos, sorted(photos.glob("*.jpg"))[0], "s")
