@@ -78,7 +78,7 @@ def whole_images(model, records, layers: list[int], batch_size: int):
             raise SystemExit(errors[0])
         sizes += [size for _, size, _ in items]
         batch = torch.stack([tensor for tensor, _, _ in items]).to(model.device)
-        for layer, out in zip(layers, model.encoder(batch.half() if model.half else batch, layers)):
+        for layer, out in zip(layers, model.encoder(batch, layers)):
             vectors[layer].append(out.float().cpu().numpy())
     boxes = np.asarray([(0, 0, w, h) for w, h in sizes], np.float32)
     return {layer: np.concatenate(v) for layer, v in vectors.items()}, np.arange(len(records)), boxes

@@ -35,6 +35,7 @@ import numpy as np
 from loguru import logger
 
 from . import index as faiss_index
+from .assets import sha256_of
 from .cache import TEMP_NAME, CacheError, atomic_write_text, discard, file_lock, save_arrays, sweep_temporaries
 
 BUNDLE_FORMAT = 1
@@ -52,14 +53,6 @@ class Bundle:
     gallery: dict[str, np.ndarray]
     manifest: dict
     build: Path
-
-
-def sha256_file(path: Path, block: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _counts(gallery: dict[str, np.ndarray], index: faiss.Index) -> dict:
@@ -82,7 +75,7 @@ def write_bundle(folder: Path, index: faiss.Index, gallery: dict[str, np.ndarray
             build.mkdir()
             faiss_index.write_index(index, build / "index.faiss")  # on disk: index.faiss + index.ivfdata
             save_arrays(build / "gallery.npz", **gallery)
-            parts = {name: {"size": (build / name).stat().st_size, "sha256": sha256_file(build / name)}
+            parts = {name: {"size": (build / name).stat().st_size, "sha256": sha256_of(build / name)}
                      for name in ("index.faiss", "gallery.npz")}
             if (build / "index.ivfdata").exists():  # may be huge: its size is checked, not its hash
                 parts["index.ivfdata"] = {"size": (build / "index.ivfdata").stat().st_size}
@@ -175,7 +168,7 @@ def _read_build(folder: Path, pointer: dict, dim: int) -> Bundle:
         size = path.stat().st_size
         if size != expected.get("size"):
             raise refuse(path, f"{size:,} bytes, the manifest says {expected.get('size')}")
-        if "sha256" in expected and sha256_file(path) != expected["sha256"]:
+        if "sha256" in expected and sha256_of(path) != expected["sha256"]:
             raise refuse(path, "content differs from the manifest (sha256)")
     gallery = _load_gallery(build / "gallery.npz", refuse)
     try:

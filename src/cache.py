@@ -217,7 +217,12 @@ def open_cache_folder(folder: Path, fingerprint: dict, setting: str = "paths.fea
         try:
             stored = json.loads(meta.read_text())
         except ValueError:
-            raise CacheError(f"{meta}: corrupt cache metadata; delete {folder} to rebuild") from None
+            if not Path(folder).name.endswith(f"-{content_key(fingerprint)}"):
+                raise CacheError(f"{meta}: corrupt cache metadata; delete {folder} to rebuild") from None
+            # The folder's name carries the hash of these settings: rewrite the file, keep every chunk.
+            logger.warning(f"{meta}: corrupt cache metadata; rewritten from the settings this folder is named by")
+            atomic_write_text(meta, json.dumps(fingerprint, indent=1, sort_keys=True))
+            stored = fingerprint
         except OSError as err:
             raise CacheError(f"{meta}: cannot read cache metadata ({_reason(err)})") from None
         if stored != json.loads(json.dumps(fingerprint)):

@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 
 from loguru import logger
 
-from .cache import atomic_write_text, content_key
+from .cache import atomic_write_text, content_key, sweep_temporaries
 
 DIGEST_SIZE = 16  # bytes: 128-bit BLAKE2b, 32 hex characters
 
@@ -108,6 +108,7 @@ class DigestMemo:
             return
         text = "".join(json.dumps([path, identity, digest]) + "\n" for path, (identity, digest) in self._known.items())
         try:
+            sweep_temporaries(self.path.parent)  # a killed save's leftover (only if its writer is gone)
             atomic_write_text(self.path, text)
             self._dirty = False
         except Exception as err:  # the memo only saves re-hashing

@@ -43,6 +43,7 @@ from torch.utils.data import default_convert, get_worker_info
 from tqdm import tqdm
 
 from .cache import CacheError, check_writable, content_key, load_arrays, open_cache_folder, save_arrays
+from .crops import TensorCrops, crop_method, crop_region, decode_rgb
 from .data import DataError, ImageRecord, load_image
 from .digests import DEFAULT_KEYS, ImageKeys
 from .model import LoadedModel, encode
@@ -314,12 +315,16 @@ class PatchTransform:
 
 
 class _CropDataset(TorchDataset):
-    """Image i -> (its patches of every level preprocessed (n, 3, S, S), their boxes (n, 4)
-    and levels (n,), error message). Each image is decoded once for all levels."""
+    """Image i -> (its patches of every level, their boxes (n, 4) and levels (n,), error message).
+    Each image is decoded once for all levels. The patches are, with ``crops="pil"``, preprocessed
+    here ((n, 3, S, S), ``PatchTransform``); with ``crops="tensor"``, the decoded image (3, H, W)
+    uint8 and its cell boxes (n, 4) in its own pixels, cut and resized by the main process on the
+    model's device (``TensorCrops``, src/crops.py)."""
 
-    def __init__(self, records: Sequence[ImageRecord], levels: Sequence[int], region: str, data_config: dict):
-        self.records, self.levels, self.region = records, sorted(levels), region
-        self.transform = PatchTransform(data_config)
+    def __init__(self, records: Sequence[ImageRecord], levels: Sequence[int], region: str, data_config: dict,
+                 crops: str = "pil"):
+        self.records, self.levels, self.region, self.crops = records, sorted(levels), region, crops
+        self.transform = PatchTransform(data_config) if crops == "pil" else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -327,8 +332,9 @@ class _CropDataset(TorchDataset):
     def __getitem__(self, index: int):
         record = self.records[index]
         nothing = (np.zeros((0, 4), np.float32), np.zeros(0, np.int8))
+        tensor = self.crops != "pil"
         try:
-            image = load_image(record.path)
+            image = decode_rgb(record.path) if tensor else load_image(record.path)
         except DataError as err:
             return None, nothing, str(err)
         offset_x = offset_y = 0
@@ -337,14 +343,15 @@ class _CropDataset(TorchDataset):
             x0, y0 = b[:, 0].min(), b[:, 1].min()
             x1, y1 = (b[:, 0] + b[:, 2]).max(), (b[:, 1] + b[:, 3]).max()
             offset_x, offset_y = int(round(x0)), int(round(y0))
-            image = image.crop((offset_x, offset_y, max(int(round(x1)), offset_x + 1), max(int(round(y1)), offset_y + 1)))
-        width, height = image.size
+            region = (offset_x, offset_y, max(int(round(x1)), offset_x + 1), max(int(round(y1)), offset_y + 1))
+            image = crop_region(image, *region) if tensor else image.crop(region)
+        width, height = (image.shape[2], image.shape[1]) if tensor else image.size
         if width <= self.levels[-1] or height <= self.levels[-1]:
             return None, nothing, f"{record.path}: image {width}x{height} too small for pyramid level {self.levels[-1]}"
         per_level = [level_boxes(width, height, level) for level in self.levels]
         boxes = np.concatenate(per_level)
         levels = np.concatenate([np.full(len(b), level, np.int8) for b, level in zip(per_level, self.levels)])
-        crops = self.transform(image, boxes)
+        crops = (image, boxes) if tensor else self.transform(image, boxes)
         boxes = boxes.astype(np.float32) + np.array([offset_x, offset_y, 0, 0], np.float32)
         return crops, (boxes, levels), ""
 
@@ -463,6 +470,8 @@ def extract_missing(stores: Sequence[FeatureStore], records: Sequence[ImageRecor
     (each image is decoded once and its crops of every level are encoded
     together) and several blocks of one backbone (``model.with_layer``): one
     encoder pass fills them all. Crops of consecutive images fill whole batches.
+    The model's fingerprint says how crops are made (src/crops.py ``crop_method``): by PIL in
+    the DataLoader workers, or (``tensor``) cut from the decoded image on the model's device here.
     """
     stats = ExtractStats(desc=desc)
     todo = _todo(stores, records, stats)
@@ -471,7 +480,9 @@ def extract_missing(stores: Sequence[FeatureStore], records: Sequence[ImageRecor
     layers = sorted({m.fingerprint["layer"] for m in models})
     started = time.perf_counter()
     region = stores[0].region
-    loader = DataLoader(_CropDataset(todo, sorted({s.level for s in stores}), region, models[0].data_config),
+    method = crop_method(models[0])
+    cut = TensorCrops(models[0].data_config) if method != "pil" else None
+    loader = DataLoader(_CropDataset(todo, sorted({s.level for s in stores}), region, models[0].data_config, method),
                         batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_collate_shared,
                         prefetch_factor=4 if num_workers else None)
     crops: list[torch.Tensor] = []          # preprocessed patches not yet encoded
@@ -487,8 +498,8 @@ def extract_missing(stores: Sequence[FeatureStore], records: Sequence[ImageRecor
             encoded.append(encode(models[0], stacked[start:min(start + batch_size, full)], layers))
         crops = [stacked[full:]] if full < len(stacked) else []
 
-    def take(image_crops: torch.Tensor) -> None:
-        crops.append(image_crops)
+    def take(payload: Any) -> None:
+        crops.append(payload if cut is None else cut(*payload, device=models[0].device))
         if sum(len(c) for c in crops) >= batch_size:
             encode_crops(everything=False)
 
@@ -532,7 +543,8 @@ def token_cells(rows: int, cols: int, levels: Sequence[int]) -> dict[int, list[t
 
 
 class _WholeImageDataset(TorchDataset):
-    """Image i -> (whole image preprocessed (3, S, S), (width, height), error message)."""
+    """Image i -> (whole image preprocessed (3, S, S), (width, height), error message); with
+    ``transform=None`` (``extract.crops=tensor``) the decoded image (3, H, W) uint8 instead."""
 
     def __init__(self, records: Sequence[ImageRecord], transform):
         self.records, self.transform = records, transform
@@ -542,6 +554,9 @@ class _WholeImageDataset(TorchDataset):
 
     def __getitem__(self, index: int):
         try:
+            if self.transform is None:
+                image = decode_rgb(self.records[index].path)
+                return image, (image.shape[2], image.shape[1]), ""
             image = load_image(self.records[index].path)
         except DataError as err:
             return None, (0, 0), str(err)
@@ -566,8 +581,9 @@ def extract_pooled(stores: dict[int, FeatureStore], records: Sequence[ImageRecor
     levels = sorted(stores)
     cells_by_level = token_cells(rows, cols, levels)
     cells = [cell for level in levels for cell in cells_by_level[level]]
-    loader = DataLoader(_WholeImageDataset(todo, model.transform), batch_size=None, shuffle=False,
-                        num_workers=num_workers, collate_fn=_collate_shared,
+    cut = TensorCrops(model.data_config) if crop_method(model) != "pil" else None  # the whole image as one cell
+    loader = DataLoader(_WholeImageDataset(todo, model.transform if cut is None else None), batch_size=None,
+                        shuffle=False, num_workers=num_workers, collate_fn=_collate_shared,
                         prefetch_factor=4 if num_workers else None)
     images: list[torch.Tensor] = []
     described: list[torch.Tensor] = []
@@ -575,12 +591,13 @@ def extract_pooled(stores: dict[int, FeatureStore], records: Sequence[ImageRecor
     def encode_images() -> None:
         if images:
             batch = torch.stack(images).to(model.device)
-            described.append(model.encoder.describe_cells(batch.half() if model.half else batch, cells,
+            described.append(model.encoder.describe_cells(batch, cells,
                                                           split_block, method, cell_pos=cell_pos)[0].float().cpu())
             images.clear()
 
     def take(image: torch.Tensor) -> None:
-        images.append(image)
+        whole = [(0, 0, image.shape[2], image.shape[1])]
+        images.append(image if cut is None else cut(image, whole, device=model.device)[0])
         if len(images) >= batch_size:
             encode_images()
 
@@ -614,11 +631,14 @@ def describe_images(records: Sequence[ImageRecord], model: LoadedModel, *, regio
     """Global (level-0) descriptors of a few images, uncached (e.g. search queries).
 
     Returns (vectors (n_readable, d) in record order, error messages of unreadable images).
+    Crops are made as the model's fingerprint says (``pil`` or ``tensor``), as for its index.
     """
-    dataset = _CropDataset(records, [0], region, model.data_config)
+    method = crop_method(model)
+    dataset = _CropDataset(records, [0], region, model.data_config, method)
+    cut = TensorCrops(model.data_config) if method != "pil" else None
     items = [dataset[i] for i in range(len(records))]
     errors = [error for _, _, error in items if error]
-    crops = [c for c, _, error in items if not error]
+    crops = [c if cut is None else cut(*c, device=model.device) for c, _, error in items if not error]
     if not crops:
         return np.zeros((0, model.dim), np.float32), errors
     stacked = torch.cat(crops)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -19,13 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 from . import index as faiss_index
 from .bundle import read_bundle, write_bundle
 from .cache import CacheError, content_key, list_key
+from .crops import with_crops
 from .data import (Dataset, DataError, ImageRecord, annotation_gaps, image_files, read_folder, read_ilias_layout,
                    read_manifest, write_manifest)
 from .digests import DEFAULT_KEYS, DigestMemo, ImageKeys
 from .extraction import (CorruptChunk, ExtractStats, FeatureStore, PatchFeatures, describe_images, extract_missing,
                          extract_pooled, warn_old_stores)
 from .metrics import QueryResult, evaluate, resolve_iou_thresholds
-from .model import LoadedModel, ModelConfigError, load_model
+from .model import LoadedModel, ModelConfigError, load_model, resolve_device, resolve_precision
 from .pyramid import MAX_LEVEL, levels_for, patches_per_image
 from .rerank import rerank
 from .report import RunReport
@@ -230,9 +232,13 @@ def make_feature_source(cfg: DictConfig) -> FeatureSource:
             model if query_size == model.input_size else load(_sized(cfg.model, query_size))
         if pool_l0 == "whole":
             l0_model = query_model if query_size == 0 else load(cfg.model)
+    if str(cfg.extract.get("crops", "pil")) != "pil":  # how crops are made keys every cache of these models
+        model, query_model = with_crops(model, cfg.extract.crops), with_crops(query_model, cfg.extract.crops)
+        l0_model = with_crops(l0_model, cfg.extract.crops) if l0_model is not None else None
     logger.info(f"model {cfg.model.name}: {cfg.model.timm_name} ({model.fingerprint['weights']}), "
                 f"input {model.input_size}px (queries {query_model.input_size}px), layer {cfg.model.layer}, "
-                f"pool {cfg.model.pool}, dim {model.dim}, {model.device}{' fp16' if model.half else ''}")
+                f"pool {cfg.model.pool}, dim {model.dim}, {model.device}, precision {model.precision}"
+                f"{' (extract.precision=auto)' if cfg.extract.precision == 'auto' else ''}")
     check_against_model(cfg, model)
     warn_old_stores(Path(cfg.paths.features))
     memo = DigestMemo(Path(cfg.paths.features) / "digests", collection=str(Path(cfg.dataset.root).resolve()))
@@ -716,10 +722,17 @@ def run_search(cfg: DictConfig, report: RunReport) -> dict:
                 "score": round(float(score), 4), "box": [round(float(v), 1) for v in gallery["boxes"][patch]]}
                for rank, (i, score, patch) in enumerate(zip(hits.images[0][valid], hits.scores[0][valid],
                                                              hits.patches[0][valid]))]
+        gone = [hit for hit in top if not os.path.exists(hit["path"])]
+        for hit in gone:  # indexed, then deleted or moved: still a result, said so
+            hit["missing"] = True
+        if gone:
+            logger.warning(f"{len(gone)} result(s) of {record.path} no longer exist on disk (deleted or moved since "
+                           f"task=index), first: {gone[0]['path']}; re-run task=index to update the index")
         output.append({"query": str(record.path), "seconds": round(seconds, 4), "results": top})
         print(f"\nquery {record.path} ({seconds * 1000:.0f} ms)")
         for hit in top:
-            print(f"  {hit['rank']:>3}  {hit['score']:.4f}  box {hit['box']}  {hit['path']}")
+            print(f"  {hit['rank']:>3}  {hit['score']:.4f}  box {hit['box']}  {hit['path']}"
+                  f"{'  (missing on disk)' if hit.get('missing') else ''}")
         strip = result_strip(record, [{"record": ImageRecord(id=h["id"], path=Path(h["path"])), "score": h["score"],
                                        "box": tuple(h["box"]), "relevant": None, "gt_boxes": None} for h in top])
         picture = report.dir / f"search_{len(output):03d}_{record.path.stem}.jpg"
@@ -755,5 +768,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     validate(cfg)  # task, extract.num_shards vs task, and every other key's domain
     expand_paths(cfg)
     check_index_sharding(cfg)
+    resolve_precision(cfg.extract.precision, resolve_device(cfg.extract.device))  # e.g. fp16 on a CPU, before any work
     report = RunReport(run_dir, cfg)
     return TASKS[cfg.task](cfg, report)

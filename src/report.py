@@ -2,7 +2,8 @@
 
 - ``config.yaml``: the resolved configuration;
 - ``environment.json``: git commit (and whether the tree was dirty), package
-  versions, Python, command line;
+  versions, Python, command line, the encoder's precision as resolved on this
+  machine (``extract.precision=auto`` -> fp16, bf16 or fp32);
 - ``metrics.json``: the metrics (percent) with timings and counts;
 - ``results.jsonl``: one line per query: top-k ids, scores, predicted boxes;
 - ``similarity.json``: ILIAS's own format, ``{query_id: {db_id: score}}`` in
@@ -26,6 +27,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from .cache import atomic_write_text
+from .model import ModelConfigError, resolve_device, resolve_precision
 
 PACKAGES = ("torch", "torchvision", "timm", "faiss-cpu", "faiss-gpu", "numpy", "hydra-core", "omegaconf", "Pillow")
 
@@ -49,6 +51,18 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def resolved_precision(cfg: DictConfig) -> str | None:
+    """``extract.precision`` as this machine runs it; None when the device setting cannot be met
+    (the run then stops with that error when it loads the model)."""
+    extract = cfg.get("extract")
+    if extract is None:
+        return None
+    try:
+        return resolve_precision(str(extract.precision), resolve_device(str(extract.device)))
+    except ModelConfigError:
+        return None
+
+
 class RunReport:
     """Writer of one run folder."""
 
@@ -62,6 +76,7 @@ class RunReport:
             "platform": platform.platform(),
             "packages": package_versions(),
             "argv": sys.argv,
+            "precision": resolved_precision(cfg),
         })
 
     def write_json(self, name: str, content) -> Path:

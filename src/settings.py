@@ -49,6 +49,7 @@ INDEX_METRICS = ("IP", "L2")                           # src/index.py METRICS
 REFINES = ("none", "SQ8", "SQfp16", "Flat")            # src/index.py REFINES
 RERANK_STAGES = ("none", "refine", "verify", "both")   # src/rerank.py STAGES
 PATCH_MODES = ("crop", "pool")
+CROP_METHODS = ("pil", "tensor")                        # src/crops.py CROP_METHODS
 
 
 class ConfigError(ValueError):
@@ -186,7 +187,8 @@ class ExtractSettings:
     num_workers: int = key(lo=0)
     chunk_size: int = key(lo=1)
     device: str = key(check=_device, allowed="auto, cpu, cuda or cuda:N")
-    precision: str = key(choices=("auto", "fp32", "fp16"))
+    precision: str = key(choices=("auto", "fp32", "fp16", "bf16"))
+    crops: str = key(choices=CROP_METHODS)
     shard: int = key(lo=0)
     num_shards: int = key(lo=1)
 

@@ -176,3 +176,24 @@ def test_old_format_caches_are_named_not_read(tmp_path, warnings_log):
     (old / "meta.json").write_text(json.dumps({"format": 1}))
     warn_old_stores(tmp_path / "features")
     assert any("not read" in m and str(old) in m for m in warnings_log)
+
+
+def test_corrupt_store_metadata_is_rewritten_and_chunks_kept(smoke_overrides, tmp_path, warnings_log):
+    overrides = smoke_overrides + ["pyramid.level=0"]
+    _run_eval(overrides, tmp_path, "first")
+    for meta in (tmp_path / "features").glob("test_vit.*/meta.json"):
+        meta.write_text("{not json")
+    _, written = _run_eval(overrides, tmp_path, "again")
+    assert written["counts"]["extracted_images"] == 0
+    assert any("rewritten from the settings" in m for m in warnings_log)
+
+
+def test_a_result_deleted_since_indexing_is_flagged(tmp_path, folder_overrides, warnings_log):
+    a, b = _bmp(tmp_path / "g" / "a.bmp", 1), _bmp(tmp_path / "g" / "b.bmp", 2)
+    _index(folder_overrides, tmp_path / "g", tmp_path, "i")
+    query = tmp_path / "q.bmp"
+    shutil.copy(b, query)
+    b.unlink()
+    hits = {hit["path"]: hit for hit in _search(folder_overrides, tmp_path / "g", query, tmp_path, "s")}
+    assert hits[str(b)].get("missing") is True and "missing" not in hits[str(a)]
+    assert any("no longer exist on disk" in m for m in warnings_log)

@@ -63,7 +63,7 @@ def test_output_is_l2_normalised_with_model_dim(vit, images):
     out = encode(vit, images)
     assert isinstance(out, list) and len(out) == 1
     assert out[0].shape == (3, 64) and out[0].dtype == torch.float32
-    assert vit.dim == 64 and vit.input_size == 160 and not vit.half and vit.device.type == "cpu"
+    assert vit.dim == 64 and vit.input_size == 160 and vit.precision == "fp32" and vit.device.type == "cpu"
     assert torch.allclose(out[0].norm(dim=1), torch.ones(3), atol=1e-5)
     assert not torch.allclose(out[0][0], out[0][1])  # different images, different descriptors
 
@@ -371,7 +371,8 @@ def test_fingerprint_has_only_content_settings(vit):
 
 
 def test_fingerprint_independent_of_extract_settings(vit):
-    for overrides in (["model=test_vit", "extract.batch_size=1", "extract.num_workers=7", "extract.chunk_size=3"],
+    for overrides in (["model=test_vit", "extract.batch_size=1", "extract.num_workers=7", "extract.chunk_size=3",
+                       "extract.precision=fp32"],  # precision does change it (tests/test_precision.py)
                       ["model=test_vit", "extract.batch_size=512", "extract.device=cpu", "extract.precision=fp32"]):
         cfg = compose_config(overrides)
         loaded = load_model(cfg.model, device="cpu", precision=cfg.extract.precision)  # device=auto on a GPU box

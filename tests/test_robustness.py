@@ -1,4 +1,4 @@
-"""The quick cases of scripts/robustness.py (docs/ROBUSTNESS.md), each expected to end ``ok``.
+"""The quick cases of scripts/robustness.py (``TEST_CASES``; docs/ROBUSTNESS.md), each expected to end ``ok``.
 
 Each case runs ``main.py`` in subprocesses on a tiny synthetic folder (smoke model, no downloads);
 a failure message is the case's verdict and what the user saw.
@@ -14,10 +14,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "scripts"))
 import robustness  # noqa: E402
 
-QUICK = [case.id for case in robustness.select(max_cost=10)]
-
-
-@pytest.mark.parametrize("case_id", QUICK)
+@pytest.mark.parametrize("case_id", robustness.TEST_CASES)
 def test_case_is_ok(case_id, tmp_path):
     result = robustness.run_case(robustness.BY_ID[case_id], tmp_path)
     if result.verdict == "skipped":
@@ -43,5 +40,6 @@ def test_stderr_parsing_counts_error_lines_and_tracebacks():
 
 def test_every_case_has_a_known_category_and_a_unique_id():
     ids = [case.id for case in robustness.CASES]
-    assert len(ids) == len(set(ids)) and len(ids) >= 47 + 20
+    assert len(ids) == len(set(ids)) and set(robustness.TEST_CASES) <= set(ids)
     assert {case.category for case in robustness.CASES} <= set(robustness.CATEGORIES)
+    assert all(robustness.BY_ID[i].cost <= 10 for i in robustness.TEST_CASES)

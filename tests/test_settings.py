@@ -43,6 +43,7 @@ INVALID = [
      "index.nlist=100000: needs at least 100,000 training vectors"),
     (["pyramid.mode=pool", "pyramid.pool_image_size=100"], ConfigError,
      "pyramid.pool_image_size=100: input size 100 is not a multiple of the patch size 16"),
+    (["extract.precision=fp16", "extract.device=cpu"], ModelConfigError, "extract.precision=fp16 runs on CUDA only"),
     (["model.image_size=100"], ModelConfigError, "model.image_size=100: input size 100 is not a multiple of the patch"),
     (["pyramid.mode=pool", "pyramid.pool_split_block=9"], ModelConfigError, "pyramid.pool_split_block=9: must be in 0..6"),
     (["extract.batch_size=0"], ConfigError, "extract.batch_size=0: must be an integer >= 1"),
