@@ -64,11 +64,6 @@ class ImageRecord:
             return float("nan")
         return max(w * h for _, _, w, h in self.boxes) / float(self.width * self.height)
 
-    def file_signature(self) -> str:
-        """Cheap change detector for caches: size and modification time."""
-        stat = self.path.stat()
-        return f"{stat.st_size}-{stat.st_mtime_ns}"
-
 
 @dataclass
 class Dataset:

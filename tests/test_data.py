@@ -597,15 +597,6 @@ def test_object_scale_undefined_is_nan(boxes, width, height):
     assert record.boxes_array.shape == (len(boxes), 4)
 
 
-def test_file_signature_changes_with_content(tmp_path):
-    path = tmp_path / "a.jpg"
-    path.write_bytes(b"1")
-    record = ImageRecord(id="a.jpg", path=path)
-    before = record.file_signature()
-    path.write_bytes(b"12")
-    assert record.file_signature() != before
-
-
 def test_an_unreadable_distractor_is_skipped_and_listed_not_fatal(tmp_path):
     root = make_ilias_fixture(tmp_path / "ilias")
     (root / "distractors" / "broken.jpg").write_text("not an image")
