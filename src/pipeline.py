@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -115,19 +116,29 @@ class FeatureSource:
 
         Pool mode describes every level from one pass per image, except L0 with
         ``pyramid.pool_l0=whole``: the whole image at the model's own input size, crop mode's L0.
-        A cache chunk found corrupt while gathering is set aside, and its images are extracted again.
+        A cache chunk found corrupt while gathering is set aside, and its images are extracted again (``_filled``).
         """
         ex = self.cfg.extract
         batching = dict(batch_size=ex.batch_size, num_workers=ex.num_workers, chunk_size=ex.chunk_size)
+
+        def fill() -> dict[int, FeatureStore]:
+            if self.cfg.pyramid.mode == "pool":
+                return self._pool_stores(records, levels, region, desc, batching)
+            stores = {level: self.store(self.model, level, region) for level in levels}
+            self.stats.append(extract_missing(list(stores.values()), records, [self.model] * len(levels),
+                                              **batching, desc=f"{desc} L{'-'.join(map(str, levels))}"))
+            return stores
+
+        return self._filled(fill, records, levels, self.model.dim)
+
+    def _filled(self, fill: Callable[[], dict[int, FeatureStore]], records: list[ImageRecord], levels: list[int],
+                dim: int) -> PatchFeatures:
+        """``fill()`` the stores (extracting what they lack), then gather ``levels``; a chunk found corrupt while
+        gathering is set aside by the store, so filling again re-extracts its images (up to three rounds)."""
         for attempt in range(3):
-            if self.cfg.pyramid.mode != "pool":
-                stores = {level: self.store(self.model, level, region) for level in levels}
-                self.stats.append(extract_missing(list(stores.values()), records, [self.model] * len(levels),
-                                                  **batching, desc=f"{desc} L{'-'.join(map(str, levels))}"))
-            else:
-                stores = self._pool_stores(records, levels, region, desc, batching)
+            stores = fill()
             try:
-                return PatchFeatures.concat([self._gather(stores[level], records, self.model.dim) for level in levels])
+                return PatchFeatures.concat([self._gather(stores[level], records, dim) for level in levels])
             except CorruptChunk:
                 if attempt == 2:
                     raise CacheError(f"{stores[levels[0]].folder}: cache chunks keep failing their checks; "
@@ -169,17 +180,14 @@ class FeatureSource:
     def queries(self, records: list[ImageRecord], region: str = "full") -> PatchFeatures:
         """One global descriptor per query image (level 0: the whole image or its box), cached."""
         ex = self.cfg.extract
-        for attempt in range(3):
+
+        def fill() -> dict[int, FeatureStore]:
             store = self.store(self.query_model, 0, region)
             self.stats.append(extract_missing([store], records, [self.query_model], batch_size=ex.batch_size,
                                               num_workers=ex.num_workers, chunk_size=ex.chunk_size, desc="queries L0"))
-            try:
-                return self._gather(store, records, self.query_model.dim)
-            except CorruptChunk:
-                if attempt == 2:
-                    raise CacheError(f"{store.folder}: cache chunks keep failing their checks; "
-                                     "is another program writing there?") from None
-        raise AssertionError("unreachable")
+            return {0: store}
+
+        return self._filled(fill, records, [0], self.query_model.dim)
 
 
 def pool_settings(pyramid: DictConfig) -> tuple[int, str, str]:
