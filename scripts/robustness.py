@@ -1661,38 +1661,32 @@ def _bundle_files(ctx: Ctx, name: str) -> list[Path]:
     return sorted((ctx.indices / "search").rglob(name)) if (ctx.indices / "search").is_dir() else []
 
 
+def _damaged_bundle(ctx: Ctx, seed: int, part: str, damage: Callable[[Path], None], named: str) -> Outcome:
+    """Index 3 photos, ``damage`` every ``part`` of the search bundle, then search: one line naming ``named``."""
+    photos = ctx.folder("photos", 3, seed=seed)
+    if bad := failed(ctx.index(photos)):
+        return bad
+    for f in _bundle_files(ctx, part):
+        damage(f)
+    return user_error(ctx.search(photos, photos / "img_000.jpg"), named, before_work=False)
+
+
 @case("bundle-index-deleted", "fault", "the search bundle's index.faiss deleted: search says to re-run task=index",
       cost=10)
 def _(ctx: Ctx) -> Outcome:
-    photos = ctx.folder("photos", 3, seed=3200)
-    if bad := failed(ctx.index(photos)):
-        return bad
-    for f in _bundle_files(ctx, "index.faiss"):
-        f.unlink()
-    return user_error(ctx.search(photos, photos / "img_000.jpg"), "task=index", before_work=False)
+    return _damaged_bundle(ctx, 3200, "index.faiss", Path.unlink, "task=index")
 
 
 @case("bundle-gallery-deleted", "fault", "the search bundle's gallery.npz deleted: search says to re-run task=index",
       cost=11)
 def _(ctx: Ctx) -> Outcome:
-    photos = ctx.folder("photos", 3, seed=3300)
-    if bad := failed(ctx.index(photos)):
-        return bad
-    for f in _bundle_files(ctx, "gallery.npz"):
-        f.unlink()
-    return user_error(ctx.search(photos, photos / "img_000.jpg"), "task=index", before_work=False)
+    return _damaged_bundle(ctx, 3300, "gallery.npz", Path.unlink, "task=index")
 
 
 @case("bundle-index-garbage", "fault", "the search bundle's index.faiss overwritten with garbage: one line naming it",
       cost=10)
 def _(ctx: Ctx) -> Outcome:
-    photos = ctx.folder("photos", 3, seed=3400)
-    if bad := failed(ctx.index(photos)):
-        return bad
-    files = _bundle_files(ctx, "index.faiss")
-    for f in files:
-        f.write_bytes(b"garbage" * 100)
-    return user_error(ctx.search(photos, photos / "img_000.jpg"), "index.faiss", before_work=False)
+    return _damaged_bundle(ctx, 3400, "index.faiss", lambda f: f.write_bytes(b"garbage" * 100), "index.faiss")
 
 
 @case("trained-index-garbage", "fault", "a cached trained PQ index in faiss_indices/ overwritten with garbage: "
