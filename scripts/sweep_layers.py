@@ -16,15 +16,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 from loguru import logger  # noqa: E402
 
-from src.console import setup_logging  # noqa: E402
-from src.extraction import FeatureStore, extract_missing  # noqa: E402
-from src.model import load_model, with_layer  # noqa: E402
-from src.pipeline import load_dataset, run  # noqa: E402
+from patchify.console import setup_logging  # noqa: E402
+from patchify.extraction import FeatureStore, extract_missing  # noqa: E402
+from patchify.model import load_model, with_layer  # noqa: E402
+from patchify.pipeline import load_dataset, run  # noqa: E402
 
 
 def main() -> None:

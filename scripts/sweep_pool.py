@@ -22,16 +22,16 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from src.console import setup_logging  # noqa: E402
-from src.extraction import PatchFeatures, _WholeImageDataset, token_cells  # noqa: E402
-from src.metrics import evaluate, resolve_iou_thresholds  # noqa: E402
-from src.model import load_model  # noqa: E402
-from src.pipeline import _sized, load_dataset, query_results  # noqa: E402
-from src.search import search_images  # noqa: E402
+from patchify.console import setup_logging  # noqa: E402
+from patchify.extraction import PatchFeatures, _WholeImageDataset, token_cells  # noqa: E402
+from patchify.metrics import evaluate, resolve_iou_thresholds  # noqa: E402
+from patchify.model import load_model  # noqa: E402
+from patchify.pipeline import _sized, load_dataset, query_results  # noqa: E402
+from patchify.search import search_images  # noqa: E402
 
 LEVELS = [0, 1, 2, 3]
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-ranking of the top N (src/rerank.py) on the mini-ILIAS with the packaged DINOv2, L3 exact:
+# Re-ranking of the top N (src/patchify/rerank.py) on the mini-ILIAS with the packaged DINOv2, L3 exact:
 # rerank = none | refine | verify | both, N = 10 and 100, one run per row. The first run fills the
 # patch-feature cache; refine's window descriptors and verify's XFeat features are cached too, so
 # a row's "ms/query" is the cost on a cold rerank cache only for the first row that needs them

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from loguru import logger
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fixtures import make_ilias_fixture  # noqa: E402

@@ -1,4 +1,4 @@
-"""The task=index/task=search bundle (src/bundle.py): written and read as one unit, every part checked."""
+"""The task=index/task=search bundle (src/patchify/bundle.py): written and read as one unit, every part checked."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from conftest import compose_config
 
-import src.bundle as bundle_module
-from src.bundle import POINTER, read_bundle, write_bundle
-from src.cache import CacheError, save_arrays
-from src.data import DataError
-from src.pipeline import run
+import patchify.bundle as bundle_module
+from patchify.bundle import POINTER, read_bundle, write_bundle
+from patchify.cache import CacheError, save_arrays
+from patchify.data import DataError
+from patchify.pipeline import run
 
 
 def _parts(rows: int = 12, images: int = 4, dim: int = 8, seed: int = 0):

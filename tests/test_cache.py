@@ -1,4 +1,4 @@
-"""Tests for src/cache.py: content keys, atomic writes, npz loading, temp-file sweeping, unwritable folders."""
+"""Tests for src/patchify/cache.py: content keys, atomic writes, npz loading, temp-file sweeping, unwritable folders."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from src import cache
-from src.cache import (
+from patchify import cache
+from patchify.cache import (
     CacheError,
     atomic_write_bytes,
     atomic_write_text,
@@ -300,7 +300,7 @@ _WRITER = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-from src.cache import tmp_path_for
+from patchify.cache import tmp_path_for
 path = Path(sys.argv[2])
 tmp = tmp_path_for(path)
 tmp.write_bytes(b"half written")
@@ -313,7 +313,7 @@ os.replace(tmp, path)
 
 
 def _writer(path: Path, mode: str) -> tuple[subprocess.Popen, Path]:
-    child = subprocess.Popen([sys.executable, "-c", _WRITER, str(ROOT), str(path), mode], stdin=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, "-c", _WRITER, str(ROOT / "src"), str(path), mode], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
     return child, Path(child.stdout.readline().strip())
 

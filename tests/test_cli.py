@@ -1,4 +1,4 @@
-"""Tests for src/cli.py: the paper's reference flags (SPEC section 6) as Hydra overrides."""
+"""Tests for src/patchify/cli.py: the paper's reference flags (SPEC section 6) as Hydra overrides."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from conftest import compose_config
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from src.cli import FlagError, translate_argv
-from src.metrics import METRICS
+from patchify.cli import FlagError, translate_argv
+from patchify.metrics import METRICS
 
 # (flag, value, expected override) for every value-taking reference flag of SPEC section 6.
 VALUE_FLAGS = [

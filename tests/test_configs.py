@@ -12,11 +12,11 @@ from conftest import ROOT
 from conftest import compose_config as _compose_config
 from omegaconf import OmegaConf
 
-from src.index import IndexSpec, check_training_size
-from src.model import POOLS, Encoder
-from src.pipeline import index_spec, training_levels
-from src.pyramid import MAX_LEVEL, levels_for
-from src.weights import PACKAGED
+from patchify.index import IndexSpec, check_training_size
+from patchify.model import POOLS, Encoder
+from patchify.pipeline import index_spec, training_levels
+from patchify.pyramid import MAX_LEVEL, levels_for
+from patchify.weights import PACKAGED
 
 CONFIGS = ROOT / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))

@@ -1,4 +1,4 @@
-"""extract.crops=tensor (src/crops.py): the decode equals load_image pixel for pixel, every cell of
+"""extract.crops=tensor (src/patchify/crops.py): the decode equals load_image pixel for pixel, every cell of
 every level is within one 8-bit level of the PIL crop, descriptors agree, and the setting keys its
 own caches.
 
@@ -27,13 +27,13 @@ import torch
 from conftest import compose_config
 from PIL import Image
 
-from src import settings
-from src.crops import CROP_METHODS, TensorCrops, _decode_fast, composite_on_white, crop_method, decode_rgb, with_crops
-from src.data import DataError, ImageRecord, load_image
-from src.extraction import FeatureStore, _CropDataset, _WholeImageDataset, describe_images, extract_missing
-from src.model import ModelConfigError, load_model
-from src.pipeline import make_feature_source, run
-from src.pyramid import level_boxes
+from patchify import settings
+from patchify.crops import CROP_METHODS, TensorCrops, _decode_fast, composite_on_white, crop_method, decode_rgb, with_crops
+from patchify.data import DataError, ImageRecord, load_image
+from patchify.extraction import FeatureStore, _CropDataset, _WholeImageDataset, describe_images, extract_missing
+from patchify.model import ModelConfigError, load_model
+from patchify.pipeline import make_feature_source, run
+from patchify.pyramid import level_boxes
 
 PILLOW_13 = int(PIL.__version__.split(".")[0]) >= 13
 LEVELS, MEAN, SHARE = (2.5, 1e-4, 5e-3) if PILLOW_13 else (12.5, 2e-3, 1.0)  # max (8-bit levels), mean, share differing

@@ -1,4 +1,4 @@
-"""Tests for src/data.py: box files, image decoding, the ILIAS layout, folders and manifests."""
+"""Tests for src/patchify/data.py: box files, image decoding, the ILIAS layout, folders and manifests."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from conftest import compose_config
 from fixtures import make_ilias_fixture
 from PIL import Image
 
-from src.data import (
+from patchify.data import (
     DataError,
     ImageRecord,
     annotation_gaps,
@@ -467,7 +467,7 @@ def test_annotation_gaps_of_the_layout(ilias_copy):
 
 
 def _eval(root: Path, tmp_path: Path, name: str) -> dict:
-    from src.pipeline import run
+    from patchify.pipeline import run
 
     run(compose_config(["experiment=smoke", f"dataset.root={root}", "dataset.generate=null", "dataset.name=fixture",
                         f"paths.features={tmp_path / 'features'}", f"paths.indices={tmp_path / 'indices'}",
@@ -516,7 +516,7 @@ def test_pinned_manifests_are_read_from_the_dataset_root(ilias_copy, tmp_path):
     gallery["images"] = gallery["images"][:9]
     (ilias_copy / "gallery.json").write_text(json.dumps(gallery))
     shutil.copy(tmp_path / "scan" / "query.json", ilias_copy / "query.json")
-    from src.pipeline import load_dataset
+    from patchify.pipeline import load_dataset
 
     dataset = load_dataset(compose_config([f"dataset.root={ilias_copy}", "dataset.pin_manifest=true"]).dataset)
     assert len(dataset.gallery) == 9 and len(dataset.queries) == 4

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from conftest import compose_config
 
-from src.pipeline import run
+from patchify.pipeline import run
 
 #: mAP points by which L3 must beat L0. Measured on exactly this configuration (seed 0,
 #: 224 px, block 10): L3 47.39 vs L0 22.33 mAP, a 25-point gap; the margin is 40 % of it.

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from conftest import ROOT, compose_config
 
-from src.cache import CacheError
-from src.data import ImageRecord
-from src.extraction import FeatureStore
-from src.pipeline import run
+from patchify.cache import CacheError
+from patchify.data import ImageRecord
+from patchify.extraction import FeatureStore
+from patchify.pipeline import run
 
 
 def test_cli_prints_one_line_and_exits_2_for_a_missing_dataset(tmp_path):
@@ -56,7 +56,7 @@ def test_search_index_of_another_model_is_refused(tmp_path, ilias_fixture):
 def test_unreachable_hub_is_one_line_error(monkeypatch):
     import timm
 
-    from src.model import ModelConfigError, load_model
+    from patchify.model import ModelConfigError, load_model
 
     def offline(*args, **kwargs):
         raise FileNotFoundError("An error happened while trying to locate the file on the Hub")

@@ -9,10 +9,10 @@ import torch
 from conftest import compose_config
 from PIL import Image
 
-from src.data import ImageRecord
-from src.extraction import FeatureStore, PatchTransform, extract_missing
-from src.model import load_model
-from src.pyramid import level_boxes
+from patchify.data import ImageRecord
+from patchify.extraction import FeatureStore, PatchTransform, extract_missing
+from patchify.model import load_model
+from patchify.pyramid import level_boxes
 
 
 @pytest.fixture(scope="module")

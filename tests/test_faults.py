@@ -29,13 +29,13 @@ from fixtures import make_ilias_fixture
 from loguru import logger
 from torch.utils.data import DataLoader, Dataset
 
-from src import assets, extraction, weights
-from src.assets import AssetError, pip_package
-from src.cache import HOST, CacheError, atomic_write_bytes, tmp_path_for
-from src.console import is_user_error
-from src.extraction import ExtractionError, ExtractStats
-from src.index import IndexConfigError, write_index
-from src.pipeline import run
+from patchify import assets, extraction, weights
+from patchify.assets import AssetError, pip_package
+from patchify.cache import HOST, CacheError, atomic_write_bytes, tmp_path_for
+from patchify.console import is_user_error
+from patchify.extraction import ExtractionError, ExtractStats
+from patchify.index import IndexConfigError, write_index
+from patchify.pipeline import run
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = str(ROOT / "src") + os.sep

@@ -1,5 +1,5 @@
 """Feature caches identify an image by its bytes: never another image's features, identical files once,
-no folder evicting another, chunks checked on write and on read (src/digests.py, src/extraction.py)."""
+no folder evicting another, chunks checked on write and on read (src/patchify/digests.py, src/patchify/extraction.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 from conftest import compose_config
 from PIL import Image
 
-from src.data import ImageRecord
-from src.digests import DigestMemo, ImageKeys, file_digest
-from src.extraction import ExtractionError, FeatureStore, warn_old_stores
-from src.pipeline import run
+from patchify.data import ImageRecord
+from patchify.digests import DigestMemo, ImageKeys, file_digest
+from patchify.extraction import ExtractionError, FeatureStore, warn_old_stores
+from patchify.pipeline import run
 
 STAMP = 1_704_110_400  # 2024-01-01 12:00 UTC, as `touch -d` would set it
 

@@ -11,8 +11,8 @@ import pytest
 from conftest import compose_config
 from PIL import Image
 
-from src.data import DataError
-from src.pipeline import run
+from patchify.data import DataError
+from patchify.pipeline import run
 
 
 @pytest.fixture

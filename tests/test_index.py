@@ -1,4 +1,4 @@
-"""Tests for src.index: specs, validation, accuracy against exact search, files."""
+"""Tests for patchify.index: specs, validation, accuracy against exact search, files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 import pytest
 
-from src.index import (
+from patchify.index import (
     IndexConfigError,
     IndexSpec,
     add_vectors,

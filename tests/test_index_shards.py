@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from conftest import ROOT, compose_config
 
-import src.index as faiss_index
-from src.extraction import PatchFeatures
-from src.index import (IndexConfigError, IndexSpec, create_index, ivfdata_path, merge_shards, populate_shard,
+import patchify.index as faiss_index
+from patchify.extraction import PatchFeatures
+from patchify.index import (IndexConfigError, IndexSpec, create_index, ivfdata_path, merge_shards, populate_shard,
                        read_index, train_index, write_index)
-from src.pipeline import ConfigError, patch_ids, run, shard_bounds
-from src.pyramid import patches_per_image
-from src.search import rows_of_ids, search_images
+from patchify.pipeline import ConfigError, patch_ids, run, shard_bounds
+from patchify.pyramid import patches_per_image
+from patchify.search import rows_of_ids, search_images
 
 D, LEVELS, IMAGES = 32, [0, 1, 2], 300
 SPEC = IndexSpec("ivfpq", m=8, nlist=16, nbits=6, nprobe=6)
@@ -280,7 +280,7 @@ def test_independent_shard_jobs_then_merge_then_search(ivfpq, tmp_path, ilias_fi
 LIMITED_CHILD = r"""
 import resource, sys
 import faiss, numpy as np
-from src.index import read_index
+from patchify.index import read_index
 folder, headroom = sys.argv[1], int(sys.argv[2])
 faiss.omp_set_num_threads(1)
 queries, expected = np.load(f"{folder}/queries.npy"), np.load(f"{folder}/expected.npy")

@@ -1,4 +1,4 @@
-"""Tests for src/metrics.py: hand-computed cases plus a property check vs ILIAS's formula."""
+"""Tests for src/patchify/metrics.py: hand-computed cases plus a property check vs ILIAS's formula."""
 import json
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from src.metrics import (
+from patchify.metrics import (
     LOC_THRESHOLDS_AVERAGE,
     SCALE_GROUPS,
     QueryResult,

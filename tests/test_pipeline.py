@@ -10,11 +10,11 @@ import pytest
 from conftest import compose_config
 from sklearn.metrics import average_precision_score
 
-import src.extraction as extraction
-import src.index as faiss_index
-from src.cache import CacheError
-from src.data import DataError
-from src.pipeline import run
+import patchify.extraction as extraction
+import patchify.index as faiss_index
+from patchify.cache import CacheError
+from patchify.data import DataError
+from patchify.pipeline import run
 
 
 def _run(overrides, run_dir):

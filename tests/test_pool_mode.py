@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import compose_config
 
-from src.extraction import token_cells
-from src.model import ModelConfigError, load_model
-from src.pipeline import run
+from patchify.extraction import token_cells
+from patchify.model import ModelConfigError, load_model
+from patchify.pipeline import run
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_pool_mode_end_to_end(smoke_overrides, tmp_path):
 
 def test_pool_queries_default_to_the_models_own_size(smoke_overrides):
     """pool_query_size=0 describes queries as crop mode does (the model's own input size), whatever the pooled size."""
-    from src.pipeline import make_feature_source
+    from patchify.pipeline import make_feature_source
 
     source = make_feature_source(compose_config(smoke_overrides + ["pyramid.mode=pool", "pyramid.pool_image_size=320"]))
     assert source.model.input_size == 320 and source.query_model.input_size == 160
@@ -155,7 +155,7 @@ def test_pool_queries_default_to_the_models_own_size(smoke_overrides):
 
 def test_pool_l0_whole_is_crop_modes_l0_and_leaves_the_pooled_levels_alone(smoke_overrides, tmp_path):
     """pool_l0=whole (default): L0 is crop mode's L0 (same vectors, same cache); L1..L3 are the pooled cells."""
-    from src.pipeline import ConfigError, load_dataset, make_feature_source
+    from patchify.pipeline import ConfigError, load_dataset, make_feature_source
 
     pool = smoke_overrides + ["pyramid.mode=pool", "pyramid.pool_image_size=320", "pyramid.pool_split_block=1",
                               f"paths.features={tmp_path}"]
@@ -178,7 +178,7 @@ def test_pool_l0_whole_is_crop_modes_l0_and_leaves_the_pooled_levels_alone(smoke
 
 def test_index_and_bundle_keys_follow_how_patches_are_described(smoke_overrides):
     """A cached index is never reused for patches described another way (pool method, split, positions, L0)."""
-    from src.pipeline import bundle_folder, index_files, load_dataset
+    from patchify.pipeline import bundle_folder, index_files, load_dataset
 
     base = smoke_overrides + ["index=ivfpq", "index.m=8", "index.nlist=4"]
     variants = [[], ["pyramid.mode=pool"], ["pyramid.mode=pool", "pyramid.pool_method=masked", "pyramid.pool_split_block=0"],

@@ -1,4 +1,4 @@
-"""Reduced precision (extract.precision, src/model.py resolve_precision): bf16 descriptors of the
+"""Reduced precision (extract.precision, src/patchify/model.py resolve_precision): bf16 descriptors of the
 packaged DINOv2 against fp32 on real photos, auto's choice, and caches that never mix precisions.
 
 Measured (benchmarks/precision_quality.py, docs/BENCHMARKS.md "Reduced precision"): bf16 against
@@ -14,10 +14,10 @@ import pytest
 import torch
 from conftest import compose_config
 
-from src import model as model_module
-from src.assets import AssetError, debian_package
-from src.model import ModelConfigError, encode, load_model, resolve_precision
-from src.pyramid import level_boxes
+from patchify import model as model_module
+from patchify.assets import AssetError, debian_package
+from patchify.model import ModelConfigError, encode, load_model, resolve_precision
+from patchify.pyramid import level_boxes
 
 PHOTOS = ("squirrel_cls.jpg", "fruits.jpg", "baboon.jpg", "messi5.jpg", "building.jpg")
 
@@ -54,7 +54,7 @@ def test_bf16_descriptors_of_the_packaged_dinov2_match_fp32_on_real_photos(photo
     assert not torch.equal(reference, reduced)  # it did run in bf16
     # pool mode: every L1..L3 cell of one shared pass, fp32 input cast by the encoder itself
     images = torch.stack([fp32.transform(photo) for photo in photos[:2]])
-    from src.extraction import token_cells
+    from patchify.extraction import token_cells
 
     rows, cols = fp32.encoder.backbone.patch_embed.grid_size
     cells = [cell for level, found in token_cells(rows, cols, [1, 2, 3]).items() for cell in found]
@@ -111,8 +111,8 @@ def test_load_model_at_each_precision_keys_its_own_fingerprint():
 
 
 def test_a_cache_written_at_one_precision_is_never_read_at_another(smoke_overrides, tmp_path, monkeypatch):
-    from src.extraction import FeatureStore
-    from src.pipeline import run
+    from patchify.extraction import FeatureStore
+    from patchify.pipeline import run
 
     monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: True)
     runs = {}
@@ -128,7 +128,7 @@ def test_a_cache_written_at_one_precision_is_never_read_at_another(smoke_overrid
               for folder in features.glob("test_vit.crop.L1-*")}
     assert set(stores) == {"fp32", "bf16"}  # two folders per level, one per precision
     cfg = compose_config(smoke_overrides)
-    from src.pipeline import load_dataset
+    from patchify.pipeline import load_dataset
 
     records = load_dataset(cfg.dataset).gallery
     vectors = {}
@@ -141,7 +141,7 @@ def test_a_cache_written_at_one_precision_is_never_read_at_another(smoke_overrid
 
 
 def test_pool_modes_gallery_queries_and_l0_share_the_precision(smoke_overrides, monkeypatch):
-    from src.pipeline import make_feature_source
+    from patchify.pipeline import make_feature_source
 
     monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: True)
     source = make_feature_source(compose_config(smoke_overrides + ["pyramid.mode=pool", "pyramid.pool_image_size=320",
@@ -154,8 +154,8 @@ def test_pool_modes_gallery_queries_and_l0_share_the_precision(smoke_overrides, 
 def test_run_report_and_log_name_the_resolved_precision(smoke_overrides, tmp_path, monkeypatch):
     from loguru import logger
 
-    from src.pipeline import make_feature_source
-    from src.report import RunReport, resolved_precision
+    from patchify.pipeline import make_feature_source
+    from patchify.report import RunReport, resolved_precision
 
     monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: False)
     cfg = compose_config(smoke_overrides + ["extract.device=cpu", "extract.precision=auto"])  # smoke pins fp32

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from src.pyramid import grid_edges, level_boxes, levels_for, patches_per_image
+from patchify.pyramid import grid_edges, level_boxes, levels_for, patches_per_image
 
 
 @pytest.mark.parametrize("width,height", [(640, 480), (641, 479), (7, 5), (1001, 333), (4, 4)])

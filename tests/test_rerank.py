@@ -1,4 +1,4 @@
-"""Re-ranking stage (src/rerank.py): tighter boxes, geometric verification, ordering and caching."""
+"""Re-ranking stage (src/patchify/rerank.py): tighter boxes, geometric verification, ordering and caching."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from fixtures import _background
 from omegaconf import OmegaConf
 from PIL import Image
 
-import src.rerank as rr
-from src.assets import AssetError, pip_package
-from src.data import ImageRecord
-from src.metrics import box_iou
-from src.mini_ilias import SKIMAGE_REQUIREMENT
-from src.model import load_model
-from src.pipeline import run
-from src.pyramid import level_boxes
-from src.search import ImageHits
+import patchify.rerank as rr
+from patchify.assets import AssetError, pip_package
+from patchify.data import ImageRecord
+from patchify.metrics import box_iou
+from patchify.datasets.mini_ilias import SKIMAGE_REQUIREMENT
+from patchify.model import load_model
+from patchify.pipeline import run
+from patchify.pyramid import level_boxes
+from patchify.search import ImageHits
 
 RERANK = compose_config(["rerank=both"]).rerank
 

@@ -1,4 +1,4 @@
-"""Tests for src.search: max-per-image aggregation over patch search results."""
+"""Tests for patchify.search: max-per-image aggregation over patch search results."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import faiss
 import numpy as np
 import pytest
 
-import src.search as search_mod
-from src.index import IndexConfigError
-from src.search import ImageHits, search_images, similarity_from_distance
+import patchify.search as search_mod
+from patchify.index import IndexConfigError
+from patchify.search import ImageHits, search_images, similarity_from_distance
 
 
 class Spy:

@@ -1,4 +1,4 @@
-"""Every setting is checked before any work, in one line naming key, value and what is allowed (src/settings.py)."""
+"""Every setting is checked before any work, in one line naming key, value and what is allowed (src/patchify/settings.py)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,15 @@ import torch
 from conftest import ROOT, compose_config
 from omegaconf import DictConfig
 
-import src.extraction
-import src.pipeline
-from src import settings
-from src.cli import FlagError, check_overrides, hydra_quoted, translate_argv
-from src.console import is_user_error
-from src.model import ModelConfigError, check_layer
-from src.index import IndexConfigError
-from src.pipeline import ConfigError, run
-from src.settings import Settings, expand_paths, path_keys, validate
+import patchify.extraction
+import patchify.pipeline
+from patchify import settings
+from patchify.cli import FlagError, check_overrides, hydra_quoted, translate_argv
+from patchify.console import is_user_error
+from patchify.model import ModelConfigError, check_layer
+from patchify.index import IndexConfigError
+from patchify.pipeline import ConfigError, run
+from patchify.settings import Settings, expand_paths, path_keys, validate
 
 CONFIGS = ROOT / "configs"
 GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment"))
@@ -89,10 +89,10 @@ def no_extraction(monkeypatch):
     def extraction_ran(*args, **kwargs):
         raise AssertionError("extraction ran before the bad setting was refused")
 
-    for module in (src.extraction, src.pipeline):
+    for module in (patchify.extraction, patchify.pipeline):
         for name in ("extract_missing", "extract_pooled"):
             monkeypatch.setattr(module, name, extraction_ran)
-    monkeypatch.setattr(src.pipeline, "describe_images", extraction_ran)
+    monkeypatch.setattr(patchify.pipeline, "describe_images", extraction_ran)
 
 
 @pytest.mark.parametrize("words,error,message", INVALID, ids=[" ".join(w) for w, _, _ in INVALID])
@@ -168,7 +168,7 @@ def _group_overrides() -> list[list[str]]:
 def test_every_config_group_and_experiment_passes_validate(words):
     cfg = compose_config(words)
     validate(cfg)
-    assert _undeclared(cfg, Settings) == [], "declare the new key in src/settings.py"
+    assert _undeclared(cfg, Settings) == [], "declare the new key in src/patchify/settings.py"
 
 
 def test_defaults_of_every_task_pass_validate():
@@ -178,9 +178,9 @@ def test_defaults_of_every_task_pass_validate():
 
 
 def test_repeated_choices_agree_with_the_modules_that_own_them():
-    from src import index, model, rerank, weights
+    from patchify import index, model, rerank, weights
 
-    assert settings.TASKS == tuple(src.pipeline.TASKS)
+    assert settings.TASKS == tuple(patchify.pipeline.TASKS)
     assert (settings.POOLS, settings.POOL_METHODS, settings.CELL_POSITIONS) == \
         (model.POOLS, model.POOL_METHODS, model.CELL_POSITIONS)
     assert settings.PACKAGED == tuple(weights.PACKAGED)
@@ -206,7 +206,7 @@ def test_messages_name_key_value_and_allowed_values():
 
 @pytest.mark.parametrize("value", ["default", "average", "AVERAGE", "0.5", "1", "[0.3,0.5]"])
 def test_iou_threshold_accepts_what_metrics_resolves(value):
-    from src.metrics import resolve_iou_thresholds
+    from patchify.metrics import resolve_iou_thresholds
 
     cfg = compose_config([f"eval.iou_threshold={value}"])
     validate(cfg)

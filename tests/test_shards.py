@@ -6,7 +6,7 @@ import pytest
 from conftest import ROOT, compose_config
 from hydra import compose, initialize_config_dir
 
-from src.pipeline import ConfigError, run, shard_of
+from patchify.pipeline import ConfigError, run, shard_of
 
 
 def test_shards_are_contiguous_and_cover_everything():

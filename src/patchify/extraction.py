@@ -4,7 +4,7 @@ A ``FeatureStore`` is one folder per (encoder fingerprint, pyramid level,
 patch mode, image region) under ``features/``, named
 ``<model>.<mode>.L<level>[.bbox]-<hash>``. It holds chunk files, each an
 atomic ``.npz`` with, for a run of images: content keys (a hash of each
-image's bytes, src/digests.py), the ids they were first seen under,
+image's bytes, src/patchify/digests.py), the ids they were first seen under,
 per-image offsets into the patch arrays, patch vectors, patch boxes and a
 per-image error (empty when the image was read). An image is reused when its
 content key is found, whatever its name or folder, so
@@ -49,7 +49,7 @@ from .digests import DEFAULT_KEYS, ImageKeys
 from .model import LoadedModel, encode
 from .pyramid import grid_edges, level_boxes
 
-STORE_FORMAT = 2  # 2: entries keyed by image content (src/digests.py); 1 keyed them by file name + size + mtime
+STORE_FORMAT = 2  # 2: entries keyed by image content (src/patchify/digests.py); 1 keyed them by file name + size + mtime
 
 
 class ExtractionError(RuntimeError):
@@ -319,7 +319,7 @@ class _CropDataset(TorchDataset):
     Each image is decoded once for all levels. The patches are, with ``crops="pil"``, preprocessed
     here ((n, 3, S, S), ``PatchTransform``); with ``crops="tensor"``, the decoded image (3, H, W)
     uint8 and its cell boxes (n, 4) in its own pixels, cut and resized by the main process on the
-    model's device (``TensorCrops``, src/crops.py)."""
+    model's device (``TensorCrops``, src/patchify/crops.py)."""
 
     def __init__(self, records: Sequence[ImageRecord], levels: Sequence[int], region: str, data_config: dict,
                  crops: str = "pil"):
@@ -470,7 +470,7 @@ def extract_missing(stores: Sequence[FeatureStore], records: Sequence[ImageRecor
     (each image is decoded once and its crops of every level are encoded
     together) and several blocks of one backbone (``model.with_layer``): one
     encoder pass fills them all. Crops of consecutive images fill whole batches.
-    The model's fingerprint says how crops are made (src/crops.py ``crop_method``): by PIL in
+    The model's fingerprint says how crops are made (src/patchify/crops.py ``crop_method``): by PIL in
     the DataLoader workers, or (``tensor``) cut from the decoded image on the model's device here.
     """
     stats = ExtractStats(desc=desc)

@@ -31,7 +31,7 @@ class ImageHits:
     images: np.ndarray  #: (nq, k) int64 image index
     scores: np.ndarray  #: (nq, k) float32 similarity, higher is better, descending
     patches: np.ndarray  #: (nq, k) int64 row id of the winning patch
-    boxes: np.ndarray | None = None  #: (nq, k, 4) predicted boxes when a stage replaced the patches' (src/rerank.py)
+    boxes: np.ndarray | None = None  #: (nq, k, 4) predicted boxes when a stage replaced the patches' (src/patchify/rerank.py)
 
 
 def metric_of(index: faiss.Index) -> str:

@@ -50,7 +50,7 @@ def load_dataset(cfg: DictConfig, manifests: Path | None = None) -> Dataset:
     if cfg.kind != "ilias":
         raise ConfigError(f"dataset.kind must be 'ilias' or 'folder', got {cfg.kind!r}")
     if cfg.get("generate") and not (root / cfg.core_dir).is_dir():
-        from .mini_ilias import MiniIliasConfig, generate
+        from .datasets.mini_ilias import MiniIliasConfig, generate
 
         logger.info(f"generating mini-ILIAS into {root} ({dict(cfg.generate)})")
         generate(root, MiniIliasConfig(**cfg.generate))
@@ -255,7 +255,7 @@ def make_feature_source(cfg: DictConfig) -> FeatureSource:
 
 
 def check_against_model(cfg: DictConfig, model: LoadedModel) -> None:
-    """Settings that only the loaded model can check (src/settings.py checks the rest), before any work:
+    """Settings that only the loaded model can check (src/patchify/settings.py checks the rest), before any work:
     pool mode's split block and backbone kind, and the index's code size against the descriptor width."""
     if cfg.pyramid.mode == "pool":
         split, method, cell_pos = pool_settings(cfg.pyramid)
@@ -509,7 +509,7 @@ def query_results(dataset: Dataset, hits: ImageHits, patches: PatchFeatures) -> 
 
 def rerank_hits(cfg: DictConfig, source: FeatureSource, dataset: Dataset, hits: ImageHits, patches: PatchFeatures,
                 queries: PatchFeatures):
-    """The ``rerank`` stage (src/rerank.py) on search's hits: tighter boxes and/or verified re-ranking."""
+    """The ``rerank`` stage (src/patchify/rerank.py) on search's hits: tighter boxes and/or verified re-ranking."""
     size = int(cfg.rerank.refine.image_size)
 
     def refine_model() -> LoadedModel:
@@ -771,7 +771,7 @@ TASKS = {"eval": run_eval, "extract": run_extract, "index": run_index, "search":
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Run ``cfg.task`` and write its run folder. Every setting is checked first (src/settings.py), ``~``
+    """Run ``cfg.task`` and write its run folder. Every setting is checked first (src/patchify/settings.py), ``~``
     expanded in path settings."""
     validate(cfg)  # task, extract.num_shards vs task, and every other key's domain
     expand_paths(cfg)

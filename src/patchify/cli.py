@@ -1,14 +1,28 @@
-"""Command line: the paper's reference flags translated to Hydra overrides.
+"""Command line: the ``patchify`` console script (``python main.py`` is the same).
 
-``python main.py --model_name dinov2 --tile_size_res 3 --pq ivfpq`` runs as
-``python main.py model=dinov2 pyramid.level=3 index=ivfpq``. Both styles mix.
+    patchify                                   # mini-ILIAS, packaged DINOv2-S, L3, exact
+    patchify pyramid.level=0 index=ivfpq       # Hydra overrides
+    patchify --model_name dinov2 --pq ivfpq    # the paper's reference flags
+
+The reference flags are translated to Hydra overrides
+(``--model_name dinov2 --tile_size_res 3 --pq ivfpq`` runs as
+``model=dinov2 pyramid.level=3 index=ivfpq``); both styles mix. Overrides
+Hydra cannot parse are answered in one line before Hydra starts.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from loguru import logger
+from omegaconf import DictConfig
+
+from . import settings  # noqa: F401 (registers the ${expanduser:...} resolver of hydra.run.dir)
 
 FLAG_TO_OVERRIDE = {
     "model_name": "model",
@@ -63,7 +77,7 @@ TILDE_VALUE = re.compile(r"(\+{0,2}[A-Za-z_][\w.\-/@]*)=(.*~.*)", re.DOTALL)
 
 def tilde_override(arg: str) -> str:
     """``key=~/path`` (or any value with a ``~``, which Hydra's parser refuses unquoted) with the value
-    quoted; the settings expand a leading ``~`` in path settings (src/settings.py expand_paths)."""
+    quoted; the settings expand a leading ``~`` in path settings (src/patchify/settings.py expand_paths)."""
     match = TILDE_VALUE.fullmatch(arg)
     if not match or _parses(arg):
         return arg
@@ -160,3 +174,36 @@ def check_overrides(argv: list[str]) -> None:
             check_writable(Path(os.path.expanduser(logs)), setting="paths.logs")
         except CacheError as err:
             raise FlagError(str(err).replace("cache folder", "run folder")) from None
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    """One run: the task that ``cfg.task`` names, a one-line error for a user's mistake."""
+    from .console import is_user_error, print_summary, setup_logging
+    from .pipeline import run
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    setup_logging(run_dir / "run.log")
+    logger.info(f"run folder: {run_dir}")
+    try:
+        summary = run(cfg, run_dir)
+    except KeyboardInterrupt:
+        logger.error("interrupted; finished cache chunks are kept and the next run resumes from them")
+        raise SystemExit(130)
+    except Exception as err:  # expected user errors become one line; bugs keep their traceback
+        if not is_user_error(err):
+            raise
+        logger.error(str(err))
+        raise SystemExit(2)
+    print_summary(cfg, summary, run_dir)
+
+
+def main() -> None:
+    """Entry point of the ``patchify`` console script and of ``python main.py``."""
+    try:
+        sys.argv = [sys.argv[0], *translate_argv(sys.argv[1:])]
+        check_overrides(sys.argv[1:])
+    except FlagError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+    _hydra_main()
