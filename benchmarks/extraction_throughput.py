@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import sys
@@ -48,9 +49,11 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+from patchify import extraction  # noqa: E402
 from patchify.console import setup_logging  # noqa: E402
 from patchify.model import DTYPES, Encoder  # noqa: E402
-from patchify.pipeline import load_dataset, make_feature_source  # noqa: E402
+from patchify.data import load_dataset  # noqa: E402
+from patchify.features import make_feature_source  # noqa: E402
 from patchify.pyramid import levels_for, patches_per_image  # noqa: E402
 
 
@@ -106,19 +109,19 @@ def matmul_peak(precision: str, size: int, device: torch.device, repeats: int = 
 def encoder_stubbed():
     """Encoder passes replaced by zero descriptors of the right shape: the rest of the extraction
     path (the loader's decoding and cropping, batching, cache writes) runs as usual."""
-    forward, describe = Encoder.forward, Encoder.describe_cells
+    forward, describe = Encoder.forward, extraction.describe_cells
 
     def zeros_forward(self, images, layers=None):
         return [torch.zeros(len(images), self.backbone.num_features) for _ in ([self.layer] if layers is None else layers)]
 
-    def zeros_cells(self, images, cells, *args, **kwargs):
-        return [torch.zeros(len(images), len(cells), self.backbone.num_features)]
+    def zeros_cells(encoder, images, cells, *args, **kwargs):
+        return [torch.zeros(len(images), len(cells), encoder.backbone.num_features)]
 
-    Encoder.forward, Encoder.describe_cells = zeros_forward, zeros_cells
+    Encoder.forward, extraction.describe_cells = zeros_forward, zeros_cells
     try:
         yield
     finally:
-        Encoder.forward, Encoder.describe_cells = forward, describe
+        Encoder.forward, extraction.describe_cells = forward, describe
 
 
 def main() -> None:
@@ -130,6 +133,7 @@ def main() -> None:
                         help="extract.precision values for settings without @PRECISION (default: as configured)")
     parser.add_argument("--loader", action="store_true", help="also time each setting with the encoder stubbed out")
     parser.add_argument("--peak-size", type=int, default=4096, help="matmul size of the peak measurement")
+    parser.add_argument("--json", type=Path, default=None, help="also save the rows (and the machine) as this JSON file")
     args, overrides = parser.parse_known_args()
     setup_logging(None)
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
@@ -187,6 +191,10 @@ def main() -> None:
         print(f"| {row['setting']} | {row['precision']} | {row['size']} | {row['batch']} | {row['seconds']:.1f} "
               f"| {rate:.2f} | {rate * per_image:.1f} | {ratio} | {row['gflop']:.1f} | {achieved:.0f} "
               f"| {achieved / peaks[row['precision']]:.0%} | {loader} |")
+    if args.json:
+        saved = [{**row, "images_per_s": row["count"] / row["seconds"]} for row in rows]
+        args.json.write_text(json.dumps({"machine": machine(), "model": base.model.name, "levels": list(levels),
+                                         "peak_gflop_per_s": peaks, "rows": saved}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -217,7 +217,8 @@ def load_real(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
     from patchify.extraction import PatchFeatures
-    from patchify.pipeline import load_dataset, make_feature_source
+    from patchify.data import load_dataset
+    from patchify.features import make_feature_source
     from patchify.pyramid import levels_for
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):

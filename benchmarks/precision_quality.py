@@ -44,7 +44,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from patchify.console import setup_logging  # noqa: E402
 from patchify.data import load_image  # noqa: E402
-from patchify.pipeline import load_dataset  # noqa: E402
+from patchify.data import load_dataset  # noqa: E402
 from patchify.pyramid import level_boxes, levels_for  # noqa: E402
 
 

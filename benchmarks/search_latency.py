@@ -27,7 +27,9 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from patchify import index as faiss_index  # noqa: E402
 from patchify.console import setup_logging  # noqa: E402
 from patchify.extraction import describe_images  # noqa: E402
-from patchify.pipeline import index_spec, load_dataset, make_feature_source  # noqa: E402
+from patchify.index import index_spec  # noqa: E402
+from patchify.data import load_dataset  # noqa: E402
+from patchify.features import make_feature_source  # noqa: E402
 from patchify.pyramid import levels_for, patches_per_image  # noqa: E402
 from patchify.search import search_images  # noqa: E402
 

@@ -24,7 +24,8 @@ from loguru import logger  # noqa: E402
 from patchify.console import setup_logging  # noqa: E402
 from patchify.extraction import FeatureStore, extract_missing  # noqa: E402
 from patchify.model import load_model, with_layer  # noqa: E402
-from patchify.pipeline import load_dataset, run  # noqa: E402
+from patchify.data import load_dataset  # noqa: E402
+from patchify.pipeline import run  # noqa: E402
 
 
 def main() -> None:

@@ -7,12 +7,13 @@ at several output blocks at once; queries are described whole at one or more inp
 Uncached on purpose (each variant is a few minutes on the mini-ILIAS); exact search, L0..L3.
 ``--l0-whole``: L0 is not a cell of the pooled pass but the whole image at the model's own input
 size (as crop mode and the queries describe it); the pooled pass describes L1..L3 only.
-Prints the gallery time and one markdown row per (block, query size).
+Prints the gallery time and one markdown row per (block, query size); ``--json PATH`` also saves the rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -28,9 +29,12 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from patchify.console import setup_logging  # noqa: E402
 from patchify.extraction import PatchFeatures, _WholeImageDataset, token_cells  # noqa: E402
+from patchify.pool_cells import describe_cells  # noqa: E402
 from patchify.metrics import evaluate, resolve_iou_thresholds  # noqa: E402
 from patchify.model import load_model  # noqa: E402
-from patchify.pipeline import _sized, load_dataset, query_results  # noqa: E402
+from patchify.features import at_input_size  # noqa: E402
+from patchify.data import load_dataset  # noqa: E402
+from patchify.tasks.evaluate import query_results  # noqa: E402
 from patchify.search import search_images  # noqa: E402
 
 LEVELS = [0, 1, 2, 3]
@@ -46,7 +50,7 @@ def pooled_gallery(model, records, cells, split: int, method: str, layers: list[
 
     def flush() -> None:
         if batch:
-            for layer, out in zip(layers, model.encoder.describe_cells(torch.stack(batch), cells, split, method, layers,
+            for layer, out in zip(layers, describe_cells(model.encoder, torch.stack(batch), cells, split, method, layers,
                                                                                    cell_pos)):
                 vectors[layer].append(out.reshape(-1, out.shape[-1]).numpy())
             batch.clear()
@@ -96,13 +100,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--l0-whole", action="store_true",
                         help="L0 from a whole-image pass at the model's own size, not from the pooled pass")
+    parser.add_argument("--json", type=Path, default=None, help="also save the rows as this JSON file")
     args, overrides = parser.parse_known_args()
     layers = [int(v) for v in args.layers.split(",")]
     setup_logging(None)
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     dataset = load_dataset(cfg.dataset)
-    model = load_model(_sized(cfg.model, args.size), device=cfg.extract.device, precision=cfg.extract.precision)
+    model = load_model(at_input_size(cfg.model, args.size), device=cfg.extract.device, precision=cfg.extract.precision)
     rows, cols = model.encoder.backbone.patch_embed.grid_size
     by_level = token_cells(rows, cols, LEVELS)
     pooled_levels = LEVELS[1:] if args.l0_whole else LEVELS
@@ -122,8 +127,9 @@ def main() -> None:
           f"{seconds:.1f} s\n")
     print("| method | size | split | block | query px | mAP@1k | LocScore@0.4 | LocScore avg | R@1 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
     for query_size in (int(v) for v in args.query_sizes.split(",")):
-        query_model = load_model(_sized(cfg.model, query_size), device=cfg.extract.device, precision=cfg.extract.precision)
+        query_model = load_model(at_input_size(cfg.model, query_size), device=cfg.extract.device, precision=cfg.extract.precision)
         queries = whole_images(query_model, dataset.queries, layers, args.batch_size)[0]
         for layer in layers:
             index = faiss.IndexFlatIP(gallery[layer].shape[1])
@@ -134,6 +140,11 @@ def main() -> None:
                          iou_thresholds=resolve_iou_thresholds(cfg.eval.iou_threshold))
             print(f"| {args.method} | {args.size} | {args.split} | {layer} | {query_size} | {m['mAP']:.2f} | "
                   f"{m['LocScore@0.4']:.2f} | {m['LocScore']:.2f} | {m['R@1']:.2f} |")
+            rows.append({"setting": f"pool:{args.size}:{args.method}:{args.split}", "l0": "whole" if args.l0_whole else "pooled",
+                         "cell_pos": args.cell_pos, "block": layer, "query_px": query_size, "gallery_s": seconds,
+                         **{key: m[key] for key in ("mAP", "LocScore@0.4", "LocScore", "R@1", "mAP_scale") if key in m}})
+    if args.json:
+        args.json.write_text(json.dumps({"precision": model.precision, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 
 from patchify.index import IndexSpec, check_training_size
 from patchify.model import POOLS, Encoder
-from patchify.pipeline import index_spec, training_levels
+from patchify.index import index_spec
+from patchify.indexing import training_levels
 from patchify.pyramid import MAX_LEVEL, levels_for
 from patchify.weights import PACKAGED
 

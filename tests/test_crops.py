@@ -32,7 +32,8 @@ from patchify.crops import CROP_METHODS, TensorCrops, _decode_fast, composite_on
 from patchify.data import DataError, ImageRecord, load_image
 from patchify.extraction import FeatureStore, _CropDataset, _WholeImageDataset, describe_images, extract_missing
 from patchify.model import ModelConfigError, load_model
-from patchify.pipeline import make_feature_source, run
+from patchify.features import make_feature_source
+from patchify.pipeline import run
 from patchify.pyramid import level_boxes
 
 PILLOW_13 = int(PIL.__version__.split(".")[0]) >= 13

@@ -516,7 +516,7 @@ def test_pinned_manifests_are_read_from_the_dataset_root(ilias_copy, tmp_path):
     gallery["images"] = gallery["images"][:9]
     (ilias_copy / "gallery.json").write_text(json.dumps(gallery))
     shutil.copy(tmp_path / "scan" / "query.json", ilias_copy / "query.json")
-    from patchify.pipeline import load_dataset
+    from patchify.data import load_dataset
 
     dataset = load_dataset(compose_config([f"dataset.root={ilias_copy}", "dataset.pin_manifest=true"]).dataset)
     assert len(dataset.gallery) == 9 and len(dataset.queries) == 4

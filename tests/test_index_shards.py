@@ -18,7 +18,8 @@ import patchify.index as faiss_index
 from patchify.extraction import PatchFeatures
 from patchify.index import (IndexConfigError, IndexSpec, create_index, ivfdata_path, merge_shards, populate_shard,
                        read_index, train_index, write_index)
-from patchify.pipeline import ConfigError, patch_ids, run, shard_bounds
+from patchify.pipeline import ConfigError, run
+from patchify.indexing import patch_ids, shard_bounds
 from patchify.pyramid import patches_per_image
 from patchify.search import rows_of_ids, search_images
 

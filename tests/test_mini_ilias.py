@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
 import numpy as np
+import PIL
 import pytest
+from conftest import compose_config
 from PIL import Image, ImageDraw, ImageFont, features
 
 import patchify.datasets.mini_ilias as mini
 from patchify.assets import AssetError
+from patchify.datasets import photo_objects
 from patchify.datasets.mini_ilias import MiniIliasConfig, MiniIliasError, generate
 
 TINY = MiniIliasConfig(instances=6, queries_per_instance=2, positives_per_instance=3, distractors=4, seed=0,
@@ -99,7 +103,7 @@ def test_layout_and_boxes(tiny):
 
 def test_manifest(tiny):
     done = json.loads((tiny / "GENERATED.json").read_text())
-    assert done["parameters"] == TINY.__dict__ and done["seed"] == TINY.seed
+    assert done["parameters"] == TINY.parameters() and done["seed"] == TINY.seed
     assert done["counts"]["queries"] == 12 and done["counts"]["positives"] == 18
     assert done["counts"]["distractors"] == 4
     assert {s["package"] for s in done["sources"]} >= {"fonts-noto-color-emoji"}
@@ -239,3 +243,200 @@ def test_invalid_config():
         MiniIliasConfig(min_area=0.3, max_area=0.2).validate()
     with pytest.raises(MiniIliasError):
         MiniIliasConfig(instances=0).validate()
+
+
+# ----------------------------------------------------------------------------- the photo family
+
+PHOTO_TINY = MiniIliasConfig(instances=3, queries_per_instance=1, positives_per_instance=3, distractors=3, seed=0,
+                             objects="photo")
+# sha256 over the images and box files of TINY (emoji) as generated before the photo family existed
+# (numpy 2.4.6, Pillow 13.0.0, as constraints.txt pins them): the default family must not change by a byte.
+TINY_EMOJI_IMAGES_SHA256 = "c937fb192fa17659f22c116c0b12e8625579eee888174f155241f9e3b276f01e"
+
+
+def image_digest(sums: dict[str, str]) -> str:
+    """One sha256 over the images and box files of a checksum list (GENERATED.json left out)."""
+    lines = "".join(f"{k} {v}\n" for k, v in sorted(sums.items()) if k != "GENERATED.json")
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def photo_tiny(tmp_path_factory):
+    """A tiny photo-family set, drawn in this process while every object paste is watched.
+
+    Returns the folder, generate()'s content (images in drawing order) and the canvas before and after
+    each object paste, in drawing order.
+    """
+    out = tmp_path_factory.mktemp("photo") / "a"
+    pastes = []
+    real = mini._paste_object
+
+    def watch(canvas, sprite, xy):
+        before = np.asarray(canvas).copy()
+        real(canvas, sprite, xy)
+        pastes.append((before, np.asarray(canvas).copy()))
+
+    mini._paste_object = watch
+    try:
+        content = generate(out, PHOTO_TINY, workers=1)
+    finally:
+        mini._paste_object = real
+    return out, content, pastes
+
+
+def test_photo_boxes_are_the_warped_corners_box(photo_tiny):
+    out, content, pastes = photo_tiny
+    objects = [(rel, obj) for rel, meta in content["images"].items() for obj in meta["objects"]]
+    assert len(objects) == len(pastes) >= 6  # 3 queries + 9 positives (some maybe with two copies), decoys
+    for (rel, obj), (before, after) in zip(objects, pastes):
+        height, width = before.shape[:2]
+        box = photo_objects.visible_box(np.array(obj["corners"]), width, height)
+        if not rel.startswith("distractors/"):  # the box file holds exactly the corners' visible box
+            assert tuple(box) in {tuple(b) for b in read_boxes(out / (rel[:-4] + "_bbox.txt"))}, rel
+        x, y, w, h = box
+        changed = np.abs(after.astype(int) - before.astype(int)).max(-1) > 0
+        ys, xs = np.nonzero(changed)
+        margin = 1 + math.ceil(3 * obj.get("blur", 0.0))  # a blurred picture spreads by up to 3 sigma
+        assert xs.min() >= x - margin and ys.min() >= y - margin, rel
+        assert xs.max() < x + w + margin and ys.max() < y + h + margin, rel
+        assert xs.min() <= x + margin and ys.min() <= y + margin, rel  # the box is tight: the picture reaches it
+        assert xs.max() >= x + w - 1 - margin and ys.max() >= y + h - 1 - margin, rel
+        assert changed[y:y + h, x:x + w].mean() > 0.3, rel  # the pasted region differs from the background
+
+
+def test_photo_layout_sources_and_distinct_regions(photo_tiny):
+    out, content, _ = photo_tiny
+    done = json.loads((out / "GENERATED.json").read_text())
+    assert done["parameters"]["objects"] == "photo" and done["counts"]["photo_instances"] == 3
+    assert done["counts"]["queries"] == 3 and done["counts"]["positives"] == 9 and done["counts"]["distractors"] == 3
+    objects = photo_objects.object_photo_names()
+    backgrounds = {Path(s["file"]).name for s in done["sources"] if s["role"] == "photos"}
+    assert backgrounds and not backgrounds & (objects | photo_objects.SHOWS_AN_OBJECT)
+    assert {s["package"] for s in done["sources"]} .isdisjoint({"fonts-noto-color-emoji"})
+    for rel, meta in done["images"].items():
+        assert meta.get("background", ":x").split(":", 1)[1] not in objects, rel
+    regions = [(i["source"], i["region"]) for i in done["instances"]]
+    for k, (source, (x, y, w, h)) in enumerate(regions):
+        assert w >= photo_objects.MIN_REGION_PX and h >= photo_objects.MIN_REGION_PX
+        for other_source, (x2, y2, w2, h2) in regions[k + 1:]:  # no two instances share a pixel
+            assert source != other_source or x + w <= x2 or x2 + w2 <= x or y + h <= y2 or y2 + h2 <= y
+    for image_path in sorted((out / "ilias_core").glob("*/*/*.jpg")):
+        with Image.open(image_path) as im:
+            width, height = im.size
+        for x, y, w, h in read_boxes(image_path.with_name(image_path.stem + "_bbox.txt")):
+            assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= width and y + h <= height
+
+
+def test_photo_query_shows_the_picture_on_a_plain_background(photo_tiny):
+    out, _, _ = photo_tiny
+    for query in sorted((out / "ilias_core").glob("*/query/*.jpg")):
+        (x, y, w, h), = read_boxes(query.with_name(query.stem + "_bbox.txt"))
+        grey = np.asarray(Image.open(query).convert("L"), dtype=float)
+        assert 0.25 <= w * h / grey.size <= 0.72
+        detail = np.abs(np.diff(grey, axis=1))
+        outside = np.ones_like(detail, dtype=bool)
+        outside[max(0, y - 3):y + h + 3, max(0, x - 4):x + w + 3] = False
+        assert detail[outside].mean() < 1.5 < detail[y:y + h, x:x + w - 1].mean(), query
+
+
+def test_photo_family_is_deterministic(photo_tiny, tmp_path):
+    out, _, _ = photo_tiny
+    again = tmp_path / "b"
+    generate(again, PHOTO_TINY, workers=2)
+    assert checksums(again) == checksums(out)
+
+
+def test_both_families_half_each(tmp_path):
+    out = tmp_path / "both"
+    done = generate(out, MiniIliasConfig(instances=4, queries_per_instance=1, positives_per_instance=1,
+                                         distractors=4, seed=0, objects="both"))
+    kinds = ["glyph_id" in i for i in done["instances"]]
+    assert kinds == [True, True, False, False]  # emoji first, then photo
+    distractors = [done["images"][f"distractors/D{i:06d}.jpg"] for i in range(4)]
+    assert ["decoy_picture" in m for m in distractors] == [False, True, False, True]
+    roles = {s["role"] for s in done["sources"]}
+    assert roles == {"objects", "photos"} and any(s["package"] == "fonts-noto-color-emoji" for s in done["sources"])
+    objects = photo_objects.object_photo_names()
+    assert not {Path(s["file"]).name for s in done["sources"] if s["role"] == "photos"} & objects
+    assert len(list((out / "ilias_core").iterdir())) == 4
+
+
+def test_default_family_unchanged(tiny):
+    done = json.loads((tiny / "GENERATED.json").read_text())
+    assert "objects" not in done["parameters"] and "photo_objects" not in done["transforms"]
+    assert "object_photos" not in done["counts"]
+    if (np.__version__, PIL.__version__) != ("2.4.6", "13.0.0"):
+        pytest.skip("the pinned digest was taken with numpy 2.4.6 and Pillow 13.0.0")
+    assert image_digest(checksums(tiny)) == TINY_EMOJI_IMAGES_SHA256
+
+
+def test_other_family_never_reuses_a_folder(tiny):
+    with pytest.raises(MiniIliasError, match=r"other parameters: objects='emoji' \(asked 'photo'\)"):
+        generate(tiny, MiniIliasConfig(**{**TINY.__dict__, "objects": "photo"}))
+
+
+def test_pipeline_refuses_a_root_made_with_other_parameters(tiny):
+    from patchify.data import load_dataset
+
+    cfg = compose_config([f"dataset.root={tiny}", "dataset.generate.instances=7"]).dataset
+    with pytest.raises(MiniIliasError, match="instances=6 \\(asked 7\\)"):
+        load_dataset(cfg)
+
+
+def test_each_family_has_its_own_folder_and_name():
+    import patchify.settings  # noqa: F401 (registers the mini_ilias_name resolver)
+
+    for objects, folder in (("emoji", "mini"), ("photo", "mini_photo"), ("both", "mini_both")):
+        cfg = compose_config([f"dataset.generate.objects={objects}"])
+        assert Path(cfg.dataset.root).name == folder and cfg.dataset.name == folder
+
+
+def test_unknown_family_is_one_line():
+    from patchify.settings import ConfigError, validate
+
+    with pytest.raises(MiniIliasError, match=r"^objects='poster': unknown object family \(choose from emoji, "
+                                             r"photo, both\)$"):
+        MiniIliasConfig(objects="poster").validate()
+    with pytest.raises(ConfigError, match=r"^dataset\.generate\.objects=poster: must be one of emoji, photo, both$"):
+        validate(compose_config(["dataset.generate.objects=poster"]))
+    assert tuple(photo_objects_choices()) == mini.OBJECT_FAMILIES
+
+
+def photo_objects_choices():
+    from dataclasses import fields
+
+    from patchify.settings import GenerateSettings
+
+    return next(f for f in fields(GenerateSettings) if f.name == "objects").metadata["rule"].choices
+
+
+def test_too_many_photo_instances(tmp_path):
+    with pytest.raises(MiniIliasError, match=r"^1000 photo instances asked but the object photos give only \d+ "
+                                             r"distinct regions$"):
+        generate(tmp_path / "big", MiniIliasConfig(instances=1000, objects="photo"))
+    assert not (tmp_path / "big").exists()
+
+
+def test_visible_box_clips_the_quadrilateral():
+    diamond = np.array([[50.0, -20.0], [120.0, 50.0], [50.0, 120.0], [-20.0, 50.0]])
+    # inside 100 x 100 the clipped diamond reaches x = 0..100 and y = 0..100
+    assert photo_objects.visible_box(diamond, 100, 100) == (0, 0, 100, 100)
+    # a square turned 45 degrees, centred left of the image: the box of its visible part (a triangle from
+    # (0, 20) to (30, 50) to (0, 80)), not the clipped box of its corners (0, 10, 30, 80)
+    tilted = np.array([[-10.0, 10.0], [30.0, 50.0], [-10.0, 90.0], [-50.0, 50.0]])
+    assert photo_objects.visible_box(tilted, 100, 100) == (0, 20, 30, 60)
+    assert photo_objects.visible_box(tilted - [200, 0], 100, 100) is None
+    fronto = photo_objects.plane_view(40, 20, 0, 0, 0)
+    assert np.allclose(fronto, [[-20, -10], [20, -10], [20, 10], [-20, 10]])
+    turned = photo_objects.plane_view(40, 20, 40, 0, 0)  # turned about the vertical axis: one side nearer
+    left, right = turned[3, 1] - turned[0, 1], turned[2, 1] - turned[1, 1]
+    assert min(left, right) < 20 < max(left, right)  # the far side looks shorter, the near side longer
+    assert turned[:, 0].max() - turned[:, 0].min() < 40  # and the width is foreshortened
+
+
+def test_unreadable_font_is_one_line(tmp_path):
+    bogus = tmp_path / "NotoColorEmoji.ttf"
+    bogus.write_bytes(b"not a font at all")
+    with pytest.raises(MiniIliasError, match=r"NotoColorEmoji\.ttf: not a readable font") as err:
+        mini.EmojiFont(bogus)
+    assert "\n" not in str(err.value)

@@ -145,7 +145,10 @@ def test_missing_dataset_is_one_line_error(smoke_overrides, tmp_path):
 
 
 def test_visualize_writes_pictures_and_self_contained_report(smoke_overrides, tmp_path):
-    _run(smoke_overrides + ["pyramid.level=1", "eval.visualize=true", "eval.visualize_max_queries=2"], tmp_path / "run")
+    metrics = _run(smoke_overrides + ["pyramid.level=1", "eval.visualize=true", "eval.visualize_max_queries=2"],
+                   tmp_path / "run")
     assert len(list((tmp_path / "run" / "pictures").glob("*.jpg"))) == 2
     html = (tmp_path / "run" / "report.html").read_text()
     assert "data:image/jpeg;base64," in html and "http://" not in html and "https://" not in html
+    assert any(v is not None for v in metrics["mAP_scale"].values())
+    assert html.count('<img class="chart" src="data:image/svg+xml;base64,') == 1  # the run's AP per object scale

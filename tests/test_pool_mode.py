@@ -8,6 +8,7 @@ import torch
 from conftest import compose_config
 
 from patchify.extraction import token_cells
+from patchify.pool_cells import describe_cells
 from patchify.model import ModelConfigError, load_model
 from patchify.pipeline import run
 
@@ -32,7 +33,7 @@ def test_token_cells_tile_the_grid():
 def test_whole_grid_cell_is_a_normal_forward(model, method, split):
     images = torch.randn(2, 3, 160, 160)
     rows, cols = model.encoder.backbone.patch_embed.grid_size
-    pooled = model.encoder.describe_cells(images, [(0, rows, 0, cols)], split, method)[0]
+    pooled = describe_cells(model.encoder, images, [(0, rows, 0, cols)], split, method)[0]
     assert torch.allclose(pooled[:, 0], model.encoder(images)[0], atol=1e-5)
 
 
@@ -43,9 +44,9 @@ def test_cells_see_only_their_tokens_after_the_split(model, method):
     images = torch.randn(1, 3, 160, 160)
     cells = token_cells(10, 10, [1])[1]
     depth = len(model.encoder.backbone.blocks)
-    shared = model.encoder.describe_cells(images, cells, depth, method)[0]
+    shared = describe_cells(model.encoder, images, cells, depth, method)[0]
     assert torch.allclose(shared[0, 0], shared[0, 3], atol=1e-6)
-    local = model.encoder.describe_cells(images, cells, 1, method)[0]
+    local = describe_cells(model.encoder, images, cells, 1, method)[0]
     assert not torch.allclose(local[0, 0], local[0, 3], atol=1e-3)
 
 
@@ -55,8 +56,8 @@ def test_split_cells_ignore_the_rest_of_the_image(model):
     changed = images.clone()
     changed[:, :, 80:, :] = torch.randn(1, 3, 80, 160)  # bottom half only
     cells = token_cells(10, 10, [1])[1]  # top-left, top-right, bottom-left, bottom-right
-    before = model.encoder.describe_cells(images, cells, 0, "split")[0]
-    after = model.encoder.describe_cells(changed, cells, 0, "split")[0]
+    before = describe_cells(model.encoder, images, cells, 0, "split")[0]
+    after = describe_cells(model.encoder, changed, cells, 0, "split")[0]
     assert torch.allclose(before[0, :2], after[0, :2], atol=1e-5)
     assert not torch.allclose(before[0, 2:], after[0, 2:], atol=1e-3)
 
@@ -70,8 +71,8 @@ def test_masked_cell_tokens_leave_the_image_tokens_untouched():
     images = torch.randn(2, 3, 160, 160)
     cells = token_cells(10, 10, [0, 2])
     cells = cells[0] + cells[2]
-    pooled = encoder.describe_cells(images, cells, 1, "masked")[0]
-    tokens = encoder._block_outputs(images, [-1])[0][1].reshape(2, 10, 10, -1)
+    pooled = describe_cells(encoder, images, cells, 1, "masked")[0]
+    tokens = encoder.block_outputs(images, [-1])[0][1].reshape(2, 10, 10, -1)
     for i, (r0, r1, c0, c1) in enumerate(cells):
         expected = torch.nn.functional.normalize(tokens[:, r0:r1, c0:c1].mean(dim=(1, 2)), dim=-1)
         assert torch.allclose(pooled[:, i], expected, atol=1e-5)
@@ -85,7 +86,7 @@ def test_split_from_block_0_with_local_positions_is_a_crop(model, cell):
 
     images = torch.randn(2, 3, 160, 160)
     r0, r1, c0, c1 = cell
-    pooled = model.encoder.describe_cells(images, [cell], 0, "split", cell_pos="local")[0][:, 0]
+    pooled = describe_cells(model.encoder, images, [cell], 0, "split", cell_pos="local")[0][:, 0]
     crop_vit = timm.create_model("test_vit", pretrained=False, img_size=(16 * (r1 - r0), 16 * (c1 - c0)))
     weights = {k: v for k, v in model.encoder.backbone.state_dict().items() if k != "pos_embed"}
     crop_vit.load_state_dict(weights, strict=False)  # pos_embed: resampled below
@@ -95,15 +96,15 @@ def test_split_from_block_0_with_local_positions_is_a_crop(model, cell):
     crop_encoder = type(model.encoder)(crop_vit.eval(), layer=-1, pool="cls")
     crop = crop_encoder(images[:, :, 16 * r0:16 * r1, 16 * c0:16 * c1])[0]
     assert torch.allclose(pooled, crop, atol=1e-5)
-    placed = model.encoder.describe_cells(images, [cell], 0, "split", cell_pos="global")[0][:, 0]
+    placed = describe_cells(model.encoder, images, [cell], 0, "split", cell_pos="global")[0][:, 0]
     assert not torch.allclose(placed, crop, atol=1e-3)  # the image's own positions are another encoding
 
 
 def test_local_positions_need_the_split_method(model):
     with pytest.raises(ModelConfigError, match="pool_cell_pos=local needs pool_method=split"):
-        model.encoder.describe_cells(torch.randn(1, 3, 160, 160), [(0, 5, 0, 5)], 0, "masked", cell_pos="local")
+        describe_cells(model.encoder, torch.randn(1, 3, 160, 160), [(0, 5, 0, 5)], 0, "masked", cell_pos="local")
     with pytest.raises(ModelConfigError, match="pool_cell_pos must be one of"):
-        model.encoder.describe_cells(torch.randn(1, 3, 160, 160), [(0, 5, 0, 5)], 0, "split", cell_pos="relative")
+        describe_cells(model.encoder, torch.randn(1, 3, 160, 160), [(0, 5, 0, 5)], 0, "split", cell_pos="relative")
 
 
 @pytest.mark.parametrize("method", ["split", "masked"])
@@ -112,19 +113,19 @@ def test_several_layers_from_one_pass(method):
     vit = load_model(compose_config(["model=test_vit", "model.layer=1"]).model, device="cpu")
     images = torch.randn(1, 3, 160, 160)
     cells = token_cells(10, 10, [1])[1]
-    both = vit.encoder.describe_cells(images, cells, 1, method, layers=[2, 1])
-    assert torch.allclose(both[1], vit.encoder.describe_cells(images, cells, 1, method)[0], atol=1e-5)
+    both = describe_cells(vit.encoder, images, cells, 1, method, layers=[2, 1])
+    assert torch.allclose(both[1], describe_cells(vit.encoder, images, cells, 1, method)[0], atol=1e-5)
     assert not torch.allclose(both[0], both[1], atol=1e-3)
 
 
 def test_split_block_out_of_range_is_an_error(model):
     with pytest.raises(ModelConfigError, match="pool_split_block"):
-        model.encoder.describe_cells(torch.randn(1, 3, 160, 160), [(0, 10, 0, 10)], split_block=99)
+        describe_cells(model.encoder, torch.randn(1, 3, 160, 160), [(0, 10, 0, 10)], split_block=99)
 
 
 def test_unknown_pool_method_is_an_error(model):
     with pytest.raises(ModelConfigError, match="pool_method"):
-        model.encoder.describe_cells(torch.randn(1, 3, 160, 160), [(0, 10, 0, 10)], 0, "avg")
+        describe_cells(model.encoder, torch.randn(1, 3, 160, 160), [(0, 10, 0, 10)], 0, "avg")
 
 
 def test_pool_mode_end_to_end(smoke_overrides, tmp_path):
@@ -144,7 +145,7 @@ def test_pool_mode_end_to_end(smoke_overrides, tmp_path):
 
 def test_pool_queries_default_to_the_models_own_size(smoke_overrides):
     """pool_query_size=0 describes queries as crop mode does (the model's own input size), whatever the pooled size."""
-    from patchify.pipeline import make_feature_source
+    from patchify.features import make_feature_source
 
     source = make_feature_source(compose_config(smoke_overrides + ["pyramid.mode=pool", "pyramid.pool_image_size=320"]))
     assert source.model.input_size == 320 and source.query_model.input_size == 160
@@ -155,7 +156,9 @@ def test_pool_queries_default_to_the_models_own_size(smoke_overrides):
 
 def test_pool_l0_whole_is_crop_modes_l0_and_leaves_the_pooled_levels_alone(smoke_overrides, tmp_path):
     """pool_l0=whole (default): L0 is crop mode's L0 (same vectors, same cache); L1..L3 are the pooled cells."""
-    from patchify.pipeline import ConfigError, load_dataset, make_feature_source
+    from patchify.pipeline import ConfigError
+    from patchify.data import load_dataset
+    from patchify.features import make_feature_source
 
     pool = smoke_overrides + ["pyramid.mode=pool", "pyramid.pool_image_size=320", "pyramid.pool_split_block=1",
                               f"paths.features={tmp_path}"]
@@ -178,7 +181,8 @@ def test_pool_l0_whole_is_crop_modes_l0_and_leaves_the_pooled_levels_alone(smoke
 
 def test_index_and_bundle_keys_follow_how_patches_are_described(smoke_overrides):
     """A cached index is never reused for patches described another way (pool method, split, positions, L0)."""
-    from patchify.pipeline import bundle_folder, index_files, load_dataset
+    from patchify.indexing import bundle_folder, index_files
+    from patchify.data import load_dataset
 
     base = smoke_overrides + ["index=ivfpq", "index.m=8", "index.nlist=4"]
     variants = [[], ["pyramid.mode=pool"], ["pyramid.mode=pool", "pyramid.pool_method=masked", "pyramid.pool_split_block=0"],

@@ -17,6 +17,7 @@ from conftest import compose_config
 from patchify import model as model_module
 from patchify.assets import AssetError, debian_package
 from patchify.model import ModelConfigError, encode, load_model, resolve_precision
+from patchify.pool_cells import describe_cells
 from patchify.pyramid import level_boxes
 
 PHOTOS = ("squirrel_cls.jpg", "fruits.jpg", "baboon.jpg", "messi5.jpg", "building.jpg")
@@ -60,8 +61,8 @@ def test_bf16_descriptors_of_the_packaged_dinov2_match_fp32_on_real_photos(photo
     cells = [cell for level, found in token_cells(rows, cols, [1, 2, 3]).items() for cell in found]
     for method in ("split", "masked"):
         with torch.inference_mode():
-            want = fp32.encoder.describe_cells(images, cells, 2, method)[0]
-            got = bf16.encoder.describe_cells(images, cells, 2, method)[0]
+            want = describe_cells(fp32.encoder, images, cells, 2, method)[0]
+            got = describe_cells(bf16.encoder, images, cells, 2, method)[0]
         assert got.dtype == torch.float32 and _cosines(want, got).min() >= 0.99, (method, _cosines(want, got).min())
 
 
@@ -128,7 +129,7 @@ def test_a_cache_written_at_one_precision_is_never_read_at_another(smoke_overrid
               for folder in features.glob("test_vit.crop.L1-*")}
     assert set(stores) == {"fp32", "bf16"}  # two folders per level, one per precision
     cfg = compose_config(smoke_overrides)
-    from patchify.pipeline import load_dataset
+    from patchify.data import load_dataset
 
     records = load_dataset(cfg.dataset).gallery
     vectors = {}
@@ -141,7 +142,7 @@ def test_a_cache_written_at_one_precision_is_never_read_at_another(smoke_overrid
 
 
 def test_pool_modes_gallery_queries_and_l0_share_the_precision(smoke_overrides, monkeypatch):
-    from patchify.pipeline import make_feature_source
+    from patchify.features import make_feature_source
 
     monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: True)
     source = make_feature_source(compose_config(smoke_overrides + ["pyramid.mode=pool", "pyramid.pool_image_size=320",
@@ -154,7 +155,7 @@ def test_pool_modes_gallery_queries_and_l0_share_the_precision(smoke_overrides, 
 def test_run_report_and_log_name_the_resolved_precision(smoke_overrides, tmp_path, monkeypatch):
     from loguru import logger
 
-    from patchify.pipeline import make_feature_source
+    from patchify.features import make_feature_source
     from patchify.report import RunReport, resolved_precision
 
     monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: False)

@@ -82,9 +82,10 @@ def test_cell_map_box_covers_the_cells_that_score_high():
 
 # ----------------------------------------------------------------------------- verify
 
-def test_verification_accepts_a_warped_copy_and_rejects_an_unrelated_photo(tmp_path):
-    astronaut, coffee = _photos("astronaut.png", "coffee.png")
-    # The astronaut shrunk and seen in perspective inside a larger scene of another photo.
+def _warped_scene(tmp_path) -> tuple[list[ImageRecord], np.ndarray]:
+    """[query, scene, unrelated] and the true box: the astronaut shrunk and seen in perspective
+    inside a larger scene of another photo; the unrelated image is the cat."""
+    astronaut, coffee, cat = _photos("astronaut.png", "coffee.png", "chelsea.png")
     scene = coffee.resize((700, 560))
     src = np.array([[0, 0], [512, 0], [512, 512], [0, 512]], np.float64)
     dst = np.array([[250, 160], [560, 190], [540, 470], [230, 430]], np.float64)
@@ -95,15 +96,156 @@ def test_verification_accepts_a_warped_copy_and_rejects_an_unrelated_photo(tmp_p
                                                      tuple((h / h[2, 2]).ravel()[:8]))
     scene.paste(warped, (0, 0), mask)
     truth = np.array([230, 160, 330, 310], np.float64)  # the warped quadrilateral's bounding box
-    local = rr.LocalFeatures(tmp_path / "cache", top_k=1024, max_side=640)
-    query, same, other = local.get([_record(tmp_path / "q.jpg", astronaut), _record(tmp_path / "s.jpg", scene),
-                                    _record(tmp_path / "o.jpg", _photos("chelsea.png")[0])])
+    records = [_record(tmp_path / "q.jpg", astronaut), _record(tmp_path / "s.jpg", scene),
+               _record(tmp_path / "o.jpg", cat)]
+    return records, truth
+
+
+@pytest.mark.parametrize("matcher", rr.MATCHERS)
+def test_verification_accepts_a_warped_copy_and_rejects_an_unrelated_photo(tmp_path, matcher):
+    records, truth = _warped_scene(tmp_path)
+    cfg = OmegaConf.merge(RERANK.verify, {"matcher": matcher})
+    try:
+        local = rr.LocalFeatures(tmp_path / "cache", top_k=1024, max_side=640, extractor=rr.EXTRACTOR_OF[matcher])
+    except AssetError as err:  # pragma: no cover - depends on the registry
+        pytest.skip(f"no weights for {matcher}: {err}")
+    query, same, other = local.get(records)
+    assert local.store.folder.name.startswith(rr.EXTRACTOR_OF[matcher] + "-")
     qbox = np.array([0, 0, 512, 512], np.float64)
-    accepted = rr.verify_pair(query, qbox, same, scene.size, RERANK.verify)
-    rejected = rr.verify_pair(query, qbox, other, (451, 300), RERANK.verify)
-    assert accepted.inliers >= 3 * RERANK.verify.min_inliers, accepted.inliers
+    accepted = rr.verify_pair(query, qbox, same, (700, 560), cfg)
+    rejected = rr.verify_pair(query, qbox, other, (451, 300), cfg)
+    assert accepted.inliers >= 3 * cfg.min_inliers, accepted.inliers
     assert accepted.box is not None and box_iou(accepted.box, truth).max() >= 0.8
-    assert rejected.inliers < RERANK.verify.min_inliers and rejected.box is None
+    assert rejected.inliers < cfg.min_inliers and rejected.box is None
+
+
+def test_each_extractor_caches_in_a_folder_of_its_own(tmp_path):
+    xfeat = rr.LocalFeatures(tmp_path, top_k=1024, max_side=640, extractor="xfeat")
+    assert xfeat.store.folder.name.startswith("xfeat-")
+    assert rr.LocalFeatures(tmp_path, top_k=512, max_side=640).store.folder != xfeat.store.folder
+    assert set(rr.EXTRACTOR_OF) == set(rr.MATCHERS) and rr.EXTRACTOR_OF["lighterglue"] == "xfeat"
+    with pytest.raises(ValueError, match="extractor"):
+        rr.LocalFeatures(tmp_path, top_k=1024, max_side=640, extractor="sift")
+
+
+# ----------------------------------------------------------------------------- RANSAC
+
+def ransac_oracle(src: np.ndarray, dst: np.ndarray, threshold: float, iterations: int,
+                  seed: int = 0) -> tuple[np.ndarray | None, np.ndarray]:
+    """The former numpy RANSAC (a fixed number of 4-point samples scored at once, refit on the best
+    inlier set twice), kept as the oracle that poselib's fit is checked against. Returns (H, mask)."""
+    n = len(src)
+    if n < 4:
+        return None, np.zeros(n, bool)
+    rng = np.random.default_rng(seed)
+    samples = np.argsort(rng.random((iterations, n)), axis=1)[:, :4]
+    t_src, t_dst = rr._normaliser(src), rr._normaliser(dst)
+    nsrc, ndst = rr.project(t_src, src), rr.project(t_dst, dst)
+    back = np.linalg.inv(t_dst)
+
+    def fit(idx: np.ndarray) -> np.ndarray:  # (B, m) sample indices -> (B, 3, 3) in pixels
+        return back @ rr._homographies(nsrc[idx], ndst[idx]) @ t_src
+
+    with np.errstate(all="ignore"):
+        hs = fit(samples)
+        p = np.einsum("bij,nj->bni", hs, np.concatenate([src, np.ones((n, 1))], 1))
+        err = np.linalg.norm(p[..., :2] / p[..., 2:] - dst[None], axis=-1)
+    inliers = np.nan_to_num(err, nan=np.inf) < threshold
+    best = inliers[np.argmax(inliers.sum(1))]
+    h = None
+    for _ in range(2):
+        if best.sum() < 4:
+            break
+        with np.errstate(all="ignore"):
+            h = fit(np.flatnonzero(best)[None])[0]
+            refit = np.nan_to_num(np.linalg.norm(rr.project(h, src) - dst, axis=1), nan=np.inf) < threshold
+        if refit.sum() < best.sum():
+            break
+        best = refit
+    return h, best
+
+
+def _synthetic_matches(trial: int, inlier_rate: float, n: int = 300, noise: float = 1.0, size=(640, 480)):
+    """``n`` matches between two 640x480 images: a share ``inlier_rate`` follows a random perspective
+    homography (corners moved by up to 15 % of the side) with Gaussian noise of ``noise`` px, the rest
+    are uniform at random. Returns src, dst, the true homography and the inliers' index."""
+    rng = np.random.default_rng(trial)
+    w, h = size
+    corners = np.array([[0, 0], [w, 0], [w, h], [0, h]], np.float64)
+    truth = rr.fit_homography(corners, corners + rng.uniform(-0.15, 0.15, (4, 2)) * [w, h])
+    src = rng.random((n, 2)) * [w, h]
+    inliers = rng.permutation(n)[:round(inlier_rate * n)]
+    dst = rng.random((n, 2)) * [w, h]
+    dst[inliers] = rr.project(truth, src[inliers]) + rng.normal(0, noise, (len(inliers), 2))
+    return src, dst, truth, inliers
+
+
+def _verified(src, dst, truth, inliers, cfg) -> tuple[bool, bool]:
+    """(verified at cfg's threshold and min_inliers, the fit maps the true inliers within ransac_px)."""
+    hom, count = rr.ransac(src, dst, float(cfg.ransac_px), int(cfg.ransac_max_iterations), int(cfg.min_inliers))
+    verified = hom is not None and count >= int(cfg.min_inliers)
+    right = verified and len(inliers) > 0 and bool(
+        np.linalg.norm(rr.project(hom, src[inliers]) - rr.project(truth, src[inliers]), axis=1).max() < cfg.ransac_px)
+    return verified, right
+
+
+def test_ransac_finds_the_homography_at_ten_percent_inliers():
+    cfg = RERANK.verify  # the configured threshold, iterations and min_inliers
+    found = [_verified(*_synthetic_matches(trial, 0.10), cfg) for trial in range(40)]
+    assert sum(right for _, right in found) >= 38, found
+
+
+def test_ransac_budget_still_finds_the_least_inlier_set_that_verifies():
+    cfg = RERANK.verify  # 60 matches, exactly min_inliers of them inliers: the budget's own worst case
+    rate = int(cfg.min_inliers) / 60
+    assert rr.ransac_budget(60, int(cfg.min_inliers), int(cfg.ransac_max_iterations)) < int(cfg.ransac_max_iterations)
+    found = [_verified(*_synthetic_matches(trial, rate, n=60), cfg) for trial in range(40)]
+    assert sum(right for _, right in found) >= 39, found
+    assert rr.ransac_budget(300, 15, 100_000) == 100_000 and rr.ransac_budget(20, 15, 100_000) == 1000
+    assert rr.ransac(*_synthetic_matches(0, 1.0, n=14)[:2], 6.0, 100_000, min_inliers=15) == (None, 0)
+
+
+def test_ransac_verifies_nothing_among_random_matches():
+    cfg = RERANK.verify
+    assert sum(_verified(*_synthetic_matches(trial, 0.0), cfg)[0] for trial in range(40)) == 0
+
+
+def test_ransac_agrees_with_the_numpy_oracle_where_the_oracle_works():
+    src, dst, truth, inliers = _synthetic_matches(7, 0.5)
+    hom, count = rr.ransac(src, dst, 6.0, 100_000)
+    oracle, mask = ransac_oracle(src, dst, 6.0, 1000)
+    assert abs(count - int(mask.sum())) <= 3 and count >= len(inliers) - 3
+    grid = np.stack(np.meshgrid(np.linspace(0, 640, 5), np.linspace(0, 480, 5)), -1).reshape(-1, 2)
+    assert np.linalg.norm(rr.project(hom, grid) - rr.project(oracle, grid), axis=1).max() < 2.0
+    assert rr.ransac(src[:3], dst[:3], 6.0, 1000) == (None, 0)
+
+
+def test_missing_rerank_extra_is_one_line_before_any_work(monkeypatch, tmp_path):
+    import importlib.util
+
+    from patchify.settings import ConfigError, validate
+
+    real = importlib.util.find_spec
+    for missing, overrides in (("poselib", ["rerank=verify"]), ("poselib", ["rerank=both"]),
+                               ("kornia", ["rerank=verify", "rerank.verify.matcher=lighterglue"])):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
+        with pytest.raises(ConfigError) as err:
+            run(compose_config(overrides + [f"paths.logs={tmp_path}"]), tmp_path / "run")
+        assert "\n" not in str(err.value) and 'pip install "patchify[rerank]"' in str(err.value)
+        assert str(err.value).startswith(("rerank.stage=", "rerank.verify.matcher=")) and missing in str(err.value)
+        assert not (tmp_path / "run").exists()  # refused before any work
+        with pytest.raises(ConfigError):
+            rr.check_requirements(compose_config(overrides).rerank)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "kornia" else real(name, *a))
+    validate(compose_config(["rerank=verify"]))  # mnn needs no kornia
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    validate(compose_config(["rerank=refine"]))  # nor does refine need poselib
+
+
+def test_settings_list_the_matchers_this_module_has():
+    from patchify import settings
+
+    assert settings.VERIFY_MATCHERS == rr.MATCHERS
 
 
 def test_projected_box_is_clipped_and_degenerate_fits_are_refused():

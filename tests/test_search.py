@@ -213,3 +213,32 @@ def test_empty_index_and_no_queries():
     index, patch_image = scalar_gallery(GALLERY)
     hits = search_images(index, np.zeros((0, 2), np.float32), patch_image, k=3)
     assert hits.images.shape == (0, 3)
+
+
+def test_patch_owners_built_once_give_the_same_hits_without_per_query_gallery_work(monkeypatch):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 8)).astype(np.float32)
+    index = faiss.IndexFlatIP(8)
+    index.add(x)
+    patch_image = rng.integers(0, 40, 600)
+    queries = rng.standard_normal((5, 8)).astype(np.float32)
+    expected = search_images(index, queries, patch_image, k=10)
+    owners = search_mod.PatchOwners.of(patch_image)
+    assert (owners.n_images, owners.most_rows) == (len(np.unique(patch_image)), np.bincount(patch_image).max())
+
+    def gallery_pass(*args, **kwargs):
+        raise AssertionError("a search summarised the whole gallery again")
+
+    monkeypatch.setattr(search_mod.np, "bincount", gallery_pass)
+    for row in range(len(queries)):  # single queries, as task=search runs them
+        hits = search_images(index, queries[row:row + 1], owners, k=10)
+        assert np.array_equal(hits.images[0], expected.images[row])
+        assert np.array_equal(hits.patches[0], expected.patches[row])
+        assert np.allclose(hits.scores[0], expected.scores[row])
+
+
+def test_patch_owners_refuse_negative_or_misshapen_tables():
+    with pytest.raises(IndexConfigError, match="negative"):
+        search_mod.PatchOwners.of(np.array([0, -1]))
+    with pytest.raises(IndexConfigError, match="one image index per row"):
+        search_mod.PatchOwners.of(np.zeros((2, 2), np.int64))

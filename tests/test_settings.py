@@ -16,7 +16,9 @@ from conftest import ROOT, compose_config
 from omegaconf import DictConfig
 
 import patchify.extraction
+import patchify.features
 import patchify.pipeline
+import patchify.tasks.search
 from patchify import settings
 from patchify.cli import FlagError, check_overrides, hydra_quoted, translate_argv
 from patchify.console import is_user_error
@@ -89,10 +91,10 @@ def no_extraction(monkeypatch):
     def extraction_ran(*args, **kwargs):
         raise AssertionError("extraction ran before the bad setting was refused")
 
-    for module in (patchify.extraction, patchify.pipeline):
+    for module in (patchify.extraction, patchify.features):
         for name in ("extract_missing", "extract_pooled"):
             monkeypatch.setattr(module, name, extraction_ran)
-    monkeypatch.setattr(patchify.pipeline, "describe_images", extraction_ran)
+    monkeypatch.setattr(patchify.tasks.search, "describe_images", extraction_ran)
 
 
 @pytest.mark.parametrize("words,error,message", INVALID, ids=[" ".join(w) for w, _, _ in INVALID])
@@ -178,11 +180,11 @@ def test_defaults_of_every_task_pass_validate():
 
 
 def test_repeated_choices_agree_with_the_modules_that_own_them():
-    from patchify import index, model, rerank, weights
+    from patchify import index, model, pool_cells, rerank, weights
 
     assert settings.TASKS == tuple(patchify.pipeline.TASKS)
     assert (settings.POOLS, settings.POOL_METHODS, settings.CELL_POSITIONS) == \
-        (model.POOLS, model.POOL_METHODS, model.CELL_POSITIONS)
+        (model.POOLS, pool_cells.POOL_METHODS, pool_cells.CELL_POSITIONS)
     assert settings.PACKAGED == tuple(weights.PACKAGED)
     assert (settings.INDEX_KINDS, settings.REFINES, settings.INDEX_METRICS) == \
         (index.KINDS, index.REFINES, tuple(index.METRICS))
@@ -256,7 +258,7 @@ def test_cli_quotes_a_home_path_for_hydra():
 
 
 def test_path_settings_are_the_ones_users_pass():
-    assert sorted(path_keys()) == sorted(["paths.features", "paths.indices", "paths.logs", "dataset.root",
+    assert sorted(path_keys()) == sorted(["paths.home", "paths.features", "paths.indices", "paths.logs", "dataset.root",
                                           "dataset.distractors", "model.checkpoint", "query.path"])
 
 

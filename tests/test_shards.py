@@ -6,7 +6,8 @@ import pytest
 from conftest import ROOT, compose_config
 from hydra import compose, initialize_config_dir
 
-from patchify.pipeline import ConfigError, run, shard_of
+from patchify.pipeline import ConfigError, run
+from patchify.tasks.extract import shard_of
 
 
 def test_shards_are_contiguous_and_cover_everything():

@@ -235,7 +235,7 @@ def test_html_report(items, tmp_path):
     assert "script" not in names and "link" not in names
     # self-contained: only data: URIs
     assert "http://" not in text and "https://" not in text and 'src="/' not in text
-    srcs = [a["src"] for t, a in tags if t == "img"]
+    srcs = [a["src"] for t, a in tags if t == "img" and a.get("class") != "chart"]
     assert len(srcs) == 2 + 3 + 1  # two query tiles + four result tiles
     assert all(s.startswith("data:image/jpeg;base64,") for s in srcs)
     assert not [a for t, a in tags for k, v in a.items() if k in ("href", "src") and not str(v).startswith("data:")]
@@ -267,3 +267,26 @@ def test_html_report_top_and_size(items, tmp_path):
     text = path.read_text()
     assert text.count("<img ") == 2 + 1 + 1
     assert len(text) < 60_000
+
+
+def test_html_report_scale_chart_shows_the_runs_numbers(items, tmp_path):
+    """The AP per object scale is an inline SVG chart drawn from the run's own mAP_scale."""
+    import base64
+
+    from patchify.figures import scale_ap_figure, svg_bytes
+
+    text = write_html_report(tmp_path / "r.html", "t", METRICS, items, thumb=64).read_text()
+    parser = TagCollector()
+    parser.feed(text)
+    charts = [a for t, a in parser.tags if t == "img" and a.get("class") == "chart"]
+    assert len(charts) == 1 and charts[0]["src"].startswith("data:image/svg+xml;base64,")
+    svg = base64.b64decode(charts[0]["src"].split(",", 1)[1])
+    expected = svg_bytes(scale_ap_figure([{"label": "this run", "mAP": METRICS["mAP"], "mAP_scale": METRICS["mAP_scale"]}]))
+    assert svg == expected  # the same drawing as from these numbers (deterministic)
+    for label in (">12.3<", ">n/a<", ">50.0<", ">77.8<", "mAP 53.21"):  # bar labels are SVG text
+        assert label.encode() in svg, label
+    assert "< 6.9 % 12.35" in charts[0]["alt"]  # the values also as text, for readers without images
+    other = dict(METRICS, mAP_scale={k: 1.0 for k in METRICS["mAP_scale"]})
+    assert write_html_report(tmp_path / "o.html", "t", other, items, thumb=64).read_text() != text
+    no_scales = write_html_report(tmp_path / "n.html", "t", dict(METRICS, mAP_scale={"0.000-0.069": None}), items)
+    assert 'class="chart"' not in no_scales.read_text()

@@ -1,6 +1,6 @@
 """Search bundle: what task=index leaves for task=search, written and read as one unit.
 
-A bundle folder (``faiss_indices/search/<name>-<key>/``, ``pipeline.bundle_folder``) holds::
+A bundle folder (``faiss_indices/search/<name>-<key>/``, ``indexing.bundle_folder``) holds::
 
     current.json                {"format": 1, "build": "build-<id>", "manifest_sha256": "<hex>"}
     build-<id>/index.faiss      the FAISS index (+ index.ivfdata, its inverted lists, when on disk)
@@ -32,7 +32,6 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from loguru import logger
 
 from . import index as faiss_index
 from .assets import sha256_of

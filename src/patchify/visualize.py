@@ -1,6 +1,7 @@
 """Pictures of retrieval results: top-k strips with boxes, and a one-file HTML report.
 
-Pure Pillow + stdlib. Boxes are ``(x, y, w, h)`` in original pixels (after
+Pillow + stdlib (the report's AP-per-scale chart: matplotlib, through ``patchify.figures``).
+Boxes are ``(x, y, w, h)`` in original pixels (after
 EXIF orientation), as everywhere in the project. Colours:
 
 - predicted box: orange (``PRED_COLOUR``); ground-truth box: green (``GT_COLOUR``);
@@ -9,8 +10,9 @@ EXIF orientation), as everywhere in the project. Colours:
   user search); the query itself gets ``QUERY_COLOUR``.
 
 A result entry is a dict ``{"record": ImageRecord, "score": float,
-"box": (x, y, w, h), "relevant": bool | None, "gt_boxes": ndarray | None}``;
-every key but ``record`` may be missing. An unreadable image becomes a grey
+"box": (x, y, w, h), "relevant": bool | None, "gt_boxes": ndarray | None,
+"verified": bool, "inliers": int}``; every key but ``record`` may be missing
+(a verified result's caption shows its inlier count). An unreadable image becomes a grey
 placeholder that says so; drawing never raises because of image data.
 """
 
@@ -21,9 +23,7 @@ import hashlib
 import html
 import io
 import math
-import os
 import re
-import tempfile
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -32,6 +32,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from .cache import atomic_write_bytes
 from .data import IMAGE_EXTENSIONS, ImageRecord, to_rgb
 from .metrics import box_iou
 
@@ -221,6 +222,8 @@ def _caption(rank: int, result: dict) -> str:
     iou = result_iou(result)
     if iou is not None:
         parts.append(f"IoU {iou:.2f}")
+    if result.get("verified"):  # geometric verification (src/patchify/rerank.py): its box is the projected query
+        parts.append(f"{int(result.get('inliers', 0))} inl")
     return "  ".join(parts)
 
 
@@ -288,22 +291,11 @@ def result_strip(
 
 # ----------------------------------------------------------------------------- files
 
-
-def _atomic_write(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _written(path: Path, data: bytes) -> Path:
+    """``data`` written to ``path`` atomically (``cache.atomic_write_bytes``); returns ``path``."""
+    atomic_write_bytes(path, data, what="picture or report")
     return path
+
 
 
 def _jpeg_bytes(image: Image.Image, quality: int) -> bytes:
@@ -346,7 +338,7 @@ def write_query_pictures(
             stem = f"{base}-{n}"
         used.add(stem.lower())
         strip = result_strip(query, list(results)[:top], thumb=thumb, cache=cache)
-        written.append(_atomic_write(out_dir / f"{stem}.jpg", _jpeg_bytes(strip, JPEG_QUALITY_PICTURE)))
+        written.append(_written(out_dir / f"{stem}.jpg", _jpeg_bytes(strip, JPEG_QUALITY_PICTURE)))
     return written
 
 
@@ -431,6 +423,8 @@ figure.hit .cell {{ border-color: {_css_rgb(HIT_COLOUR)}; }}
 figure.miss .cell {{ border-color: {_css_rgb(MISS_COLOUR)}; }}
 figure.unknown .cell {{ border-color: {_css_rgb(UNKNOWN_COLOUR)}; }}
 .unreadable {{ color: {_css_rgb(MISS_COLOUR)}; }}
+figure.chart {{ margin: 0 0 1em 0; }}
+figure.chart img {{ max-width: 100%; height: auto; }}
 """
 
 
@@ -451,6 +445,21 @@ def _legend() -> str:
             + frame(MISS_COLOUR, "miss (not a positive)")
             + frame(UNKNOWN_COLOUR, "unlabelled")
             + "</div>")
+
+
+def _scale_chart(metrics: dict) -> str:
+    """The run's AP per object-scale group (``metrics["mAP_scale"]``) as a bar chart, an inline SVG
+    drawn by ``patchify.figures`` (as the docs' scale figure); '' when no group has a value."""
+    scales = metrics.get("mAP_scale") or {}
+    if all(value is None for value in scales.values()):
+        return ""
+    from .figures import scale_ap_figure, scale_group_label, svg_bytes
+
+    svg = svg_bytes(scale_ap_figure([{"label": "this run", "mAP": metrics.get("mAP"), "mAP_scale": scales}]))
+    alt = "AP per object scale (object area / image area): " + ", ".join(
+        f"{scale_group_label(group)} {_fmt(value)}" for group, value in scales.items())
+    return (f'<figure class="chart"><img class="chart" src="data:image/svg+xml;base64,'
+            f'{base64.b64encode(svg).decode("ascii")}" alt="{html.escape(alt)}"></figure>')
 
 
 def _figure(kind: str, image: Image.Image, readable: bool, caption: str, image_id: str) -> str:
@@ -497,7 +506,8 @@ def write_html_report(
 ) -> Path:
     """Write ONE self-contained HTML file: metrics table, legend, one row of tiles per query.
 
-    Images are embedded as base64 JPEG data URIs (``thumb`` px, quality 80);
+    Images are embedded as base64 JPEG data URIs (``thumb`` px, quality 80), and the AP per
+    object scale, when the metrics have it, as a base64 SVG chart (``_scale_chart``);
     CSS is inline; no script and no external reference. All text is escaped.
     Per-query values are shown when ``metrics["per_query"]`` is present.
     The file is written atomically. Returns ``path``.
@@ -516,9 +526,10 @@ def write_html_report(
         f"<h1>{esc_title}</h1>",
         f'<table class="metrics">{rows}</table>' if rows else "<p>No metrics (unlabelled search).</p>",
         f'<p class="row-metrics">{detail_html}</p>' if detail_html else "",
+        _scale_chart(metrics),
         _legend(),
     ]
     for query, results in items:
         body.append(_query_section(query, list(results)[:top], thumb, cache, per_query.get(query.id)))
     body.append("</body></html>\n")
-    return _atomic_write(Path(path), "\n".join(body).encode("utf-8"))
+    return _written(Path(path), "\n".join(body).encode("utf-8"))

@@ -50,7 +50,6 @@ renamed into place, under a file lock.
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -63,12 +62,15 @@ import torch
 from loguru import logger
 
 from .assets import AssetError, assets_root, file_lock, pip_package, sha256_of
-from .cache import discard, tmp_path_for
+from .cache import atomic_write
 
 if TYPE_CHECKING:
     import onnx
 
 __all__ = ["PACKAGED", "PackagedWeights", "checkpoint_sha256", "packaged_checkpoint"]
+
+WEIGHTS_FILE = dict(what="converted weights", error=AssetError,  # how a failed write of them reads
+                    hint="; set PATCHIFY_ASSETS=DIR to a writable folder")
 
 
 @dataclass(frozen=True)
@@ -290,19 +292,6 @@ def _convert(spec: PackagedWeights) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename into place; a disk error is one AssetError line, nothing replaced."""
-    tmp = tmp_path_for(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        raise AssetError(f"{path}: cannot write the converted weights ({err.strerror or err}); set "
-                         "PATCHIFY_ASSETS=DIR to a writable folder") from None
-    finally:
-        discard(tmp)
-
-
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """Hold ``<path>.lock`` (filelock): one job converts, the others wait and then find the file."""
@@ -339,9 +328,9 @@ def packaged_checkpoint(name: str) -> Path:
         logger.info(f"converting {spec.requirement}:{spec.member} -> {path.name} ({spec.timm_name})")
         sd = _convert(spec)
         _sidecar(path).unlink(missing_ok=True)
-        _atomic_write(path, lambda tmp: torch.save(sd, tmp))
+        atomic_write(path, lambda tmp: torch.save(sd, tmp), **WEIGHTS_FILE)
         digest = sha256_of(path)
-        _atomic_write(_sidecar(path), lambda tmp: tmp.write_text(digest + "\n"))
+        atomic_write(_sidecar(path), lambda tmp: tmp.write_text(digest + "\n"), **WEIGHTS_FILE)
     return path
 
 

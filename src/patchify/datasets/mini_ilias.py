@@ -1,10 +1,13 @@
 """Generate a *mini-ILIAS*: a small instance-retrieval data set in ILIAS's native layout.
 
-Objects are colour emoji glyphs of Noto Color Emoji (Debian
-``fonts-noto-color-emoji``); backgrounds and clutter are real photographs that
-registry packages ship (Debian ``opencv-doc`` and ``mate-backgrounds``, the
-images bundled in the ``scikit-image`` wheel). Every glyph has a true alpha
-mask, so every box is exact. Layout written under ``out``::
+Two object families (``MiniIliasConfig.objects``): ``emoji``, colour glyphs of
+Noto Color Emoji (Debian ``fonts-noto-color-emoji``), and ``photo``, planar
+pictures cut from real photographs and seen in perspective (``photo_objects.py``);
+``both`` makes half the instances of each. Backgrounds and clutter are real
+photographs that registry packages ship (Debian ``opencv-doc`` and
+``mate-backgrounds``, the images bundled in the ``scikit-image`` wheel). Every
+glyph has a true alpha mask and every picture known corners, so every box is
+exact. Layout written under ``out``::
 
     ilias_core/<instance>/query/Q{iii}_{qq}.jpg  + Q{iii}_{qq}_bbox.txt
     ilias_core/<instance>/pos/P{iii}_{pp}.jpg    + P{iii}_{pp}_bbox.txt
@@ -13,12 +16,14 @@ mask, so every box is exact. Layout written under ``out``::
 
 A box file holds one line ``x y w h`` (integer pixels, top-left corner, width,
 height) per copy of the object: its full extent, parts hidden by an occluder
-included. ``ilias/README.md`` lists every transform and its range; the
-numbers live in :data:`TRANSFORMS` below and are copied into GENERATED.json.
+included (for a picture: the box of its warped corners' quadrilateral, clipped
+to the image). ``ilias/README.md`` lists every transform and its range; the
+numbers live in :data:`TRANSFORMS` and :data:`PHOTO_TRANSFORMS` below and are
+copied into GENERATED.json.
 
-Glyphs are read straight from the font's tables (``cmap`` and ``GSUB`` give
-each glyph's code point sequence, ``CBLC``/``CBDT`` its PNG bitmap). That is
-the very bitmap that ``ImageFont.truetype(font, 109)`` plus
+Glyphs are read from the font's tables with fontTools (``cmap`` and ``GSUB``
+give each glyph's code point sequence, ``CBLC``/``CBDT`` its PNG bitmap). That
+is the very bitmap that ``ImageFont.truetype(font, 109)`` plus
 ``draw.text(..., embedded_color=True)`` draws, without needing libraqm to
 shape multi-code-point sequences (skin tones, ZWJ sequences, flags).
 
@@ -42,24 +47,26 @@ import multiprocessing
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 import unicodedata
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import PIL
+from fontTools.ttLib import TTFont, TTLibError
 from loguru import logger
 from PIL import Image, ImageFilter
 
 from ..assets import AssetError, debian_package, pip_package, sha256_of
+from . import photo_objects
+from .photo_objects import PhotoRegion
 
 GENERATOR_VERSION = "1"
 
@@ -146,6 +153,53 @@ TRANSFORMS: dict[str, Any] = {
     },
 }
 
+# The photo family (``objects=photo``; ``both`` uses it for half the instances): how a
+# picture cut from an object photo is drawn. Backgrounds, photo patches and query
+# backgrounds follow TRANSFORMS above, with backgrounds taken from the photos that are
+# no object source (photo_objects.is_background).
+PHOTO_TRANSFORMS: dict[str, Any] = {
+    "region": {  # an instance's picture: a rectangle inside its catalogue cell, fixed per instance
+        "area": [0.5, 1.0],  # share of the cell
+        "aspect": [0.6, 1.6],  # log-uniform
+    },
+    "query": {  # the picture nearly fronto-parallel on a plain background (TRANSFORMS["query"])
+        "area": [0.30, 0.70],  # box area / image area
+        "yaw_deg": 10.0,  # out-of-plane turns, uniform in [-v, v]
+        "pitch_deg": 10.0,
+        "roll_deg": 5.0,  # in-plane rotation
+    },
+    "positive": {
+        "yaw_deg": 50.0,
+        "pitch_deg": 50.0,
+        "roll_deg": 30.0,
+        "focal": 2.0,  # camera distance and focal length, in units of the picture's longer side
+        "frame_cut_p": 0.2,  # the picture may reach out of the image ...
+        "frame_cut": 0.25,  # ... by up to this share of its box on each side
+        "brightness": [0.85, 1.15],
+        "contrast": [0.85, 1.15],
+        "saturation": [0.85, 1.15],
+        "hue_deg": 5.0,
+        "object_blur_p": 0.2,
+        "object_blur_radius": [0.5, 1.5],
+        "image_blur_p": 0.1,
+        "image_blur_radius": [0.4, 1.0],
+        "occlusion_p": 0.3,
+        "occlusion_cover": [0.05, 0.30],
+        "occluder_area": [0.15, 0.6],
+        "occluder_emoji_p": 0.0,  # occluders are photo patches
+        "two_copies_p": 0.1,
+        "clutter_pictures": [0, 2],  # pictures cut from object-photo cells that are no instance
+        "clutter_photo": [1, 4],  # photo patches (TRANSFORMS["photo_patch"]) of background photos
+        "clutter_area": [0.01, 0.12],  # log-uniform
+    },
+    "distractor": {
+        "clutter_pictures": [1, 3],
+        "clutter_photo": [1, 4],
+        "decoy_p": 0.3,  # a free cell of an instance's photo, pasted like an object
+    },
+}
+OBJECT_FAMILIES = ("emoji", "photo", "both")
+
 _KIND_CODE = {"query": 0, "pos": 1, "distractor": 2}
 _SKIN_TONES = {0x1F3FB: "light", 0x1F3FC: "medium light", 0x1F3FD: "medium", 0x1F3FE: "medium dark",
                0x1F3FF: "dark"}
@@ -169,10 +223,12 @@ class MiniIliasError(RuntimeError):
 class MiniIliasConfig:
     """Everything that changes a mini-ILIAS's content.
 
-    ``hard_negative_fraction`` is the share of instances that come with a
+    ``hard_negative_fraction`` is the share of emoji instances that come with a
     look-alike instance among the others (a skin-tone variant, a differently
     coloured heart, another flag...). ``min_area``/``max_area`` bound a
     positive's object box area as a fraction of the image (log-uniform).
+    ``objects``: ``emoji``, ``photo`` or ``both`` (the first half of the
+    instances emoji, the rest photo; distractors alternate).
     """
 
     instances: int = 30
@@ -183,9 +239,25 @@ class MiniIliasConfig:
     hard_negative_fraction: float = 0.3
     min_area: float = 0.02
     max_area: float = 0.30
+    objects: str = "emoji"
+
+    def parameters(self) -> dict[str, Any]:
+        """The parameters as GENERATED.json records them (``objects`` left out for emoji, as before it existed)."""
+        values = asdict(self)
+        if self.objects == "emoji":
+            del values["objects"]
+        return values
+
+    def family_counts(self) -> tuple[int, int]:
+        """(emoji instances, photo instances)."""
+        photo = {"emoji": 0, "photo": self.instances, "both": self.instances // 2}.get(self.objects, 0)
+        return self.instances - photo, photo
 
     def validate(self) -> None:
         """Raise :class:`MiniIliasError` on a value that cannot work."""
+        if self.objects not in OBJECT_FAMILIES:
+            raise MiniIliasError(f"objects={self.objects!r}: unknown object family (choose from "
+                                 f"{', '.join(OBJECT_FAMILIES)})")
         if self.instances < 1 or self.queries_per_instance < 1 or self.positives_per_instance < 1:
             raise MiniIliasError("instances, queries_per_instance and positives_per_instance must be >= 1")
         if self.distractors < 0:
@@ -210,143 +282,74 @@ class Glyph:
 
 
 class EmojiFont:
-    """Reads a CBDT colour font (Noto Color Emoji): glyph sequences and bitmaps."""
+    """A CBDT colour font (Noto Color Emoji) read with fontTools: glyph sequences and PNG bitmaps."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._data = self.path.read_bytes()
-        count = struct.unpack_from(">H", self._data, 4)[0]
-        self._tables = {}
-        for i in range(count):
-            tag, _, offset, _ = struct.unpack_from(">4sIII", self._data, 12 + 16 * i)
-            self._tables[tag.decode("latin-1")] = offset
-        for tag in ("cmap", "GSUB", "CBLC", "CBDT"):
-            if tag not in self._tables:
-                raise MiniIliasError(f"{self.path.name} has no {tag} table: not a CBDT colour emoji font")
-        self._bitmaps = self._read_cblc()
-        self.sequences = self._read_sequences()
+        try:
+            font = TTFont(self.path)
+        except (OSError, TTLibError) as err:
+            raise MiniIliasError(f"{self.path}: not a readable font ({err})") from None
+        with font:
+            for tag in ("cmap", "GSUB", "CBLC", "CBDT"):
+                if tag not in font:
+                    raise MiniIliasError(f"{self.path.name} has no {tag} table: not a CBDT colour emoji font")
+            self._pngs = self._read_bitmaps(font)
+            self.sequences = self._read_sequences(font)
 
-    def _u16(self, offset: int) -> int:
-        return struct.unpack_from(">H", self._data, offset)[0]
+    def _read_bitmaps(self, font: TTFont) -> dict[int, bytes]:
+        """Glyph id -> PNG bytes of its bitmap in the first strike (glyphs with an empty bitmap left out)."""
+        strikes = font["CBDT"].strikeData
+        if not strikes:
+            raise MiniIliasError(f"{self.path.name} has no bitmap strike")
+        out = {}
+        for name, bitmap in strikes[0].items():
+            if bitmap.getFormat() not in (17, 18, 19):
+                raise MiniIliasError(f"{self.path.name}: CBDT image format {bitmap.getFormat()} is not supported")
+            out[font.getGlyphID(name)] = bitmap.imageData
+        return out
 
-    def _read_cmap(self) -> dict[int, int]:
-        """Code point -> glyph id, from the format 12 (or 4) subtable."""
-        base = self._tables["cmap"]
+    @staticmethod
+    def _read_cmap(font: TTFont) -> dict[int, int]:
+        """Code point -> glyph id, from the format 12 and 4 subtables (the first that maps a code point wins)."""
         mapping: dict[int, int] = {}
-        for i in range(self._u16(base + 2)):
-            _, _, sub = struct.unpack_from(">HHI", self._data, base + 4 + 8 * i)
-            sub += base
-            fmt = self._u16(sub)
-            if fmt == 12:
-                groups = struct.unpack_from(">I", self._data, sub + 12)[0]
-                for g in range(groups):
-                    start, end, gid = struct.unpack_from(">III", self._data, sub + 16 + 12 * g)
-                    for cp in range(start, end + 1):
-                        mapping.setdefault(cp, gid + cp - start)
-            elif fmt == 4:
-                segs = self._u16(sub + 6) // 2
-                ends = struct.unpack_from(f">{segs}H", self._data, sub + 14)
-                starts = struct.unpack_from(f">{segs}H", self._data, sub + 16 + 2 * segs)
-                deltas = struct.unpack_from(f">{segs}h", self._data, sub + 16 + 4 * segs)
-                ro_at = sub + 16 + 6 * segs
-                for s in range(segs):
-                    ro = self._u16(ro_at + 2 * s)
-                    for cp in range(starts[s], ends[s] + 1):
-                        if cp == 0xFFFF:
-                            continue
-                        if ro == 0:
-                            gid = (cp + deltas[s]) & 0xFFFF
-                        else:
-                            gid = self._u16(ro_at + 2 * s + ro + 2 * (cp - starts[s]))
-                            gid = (gid + deltas[s]) & 0xFFFF if gid else 0
-                        if gid:
-                            mapping.setdefault(cp, gid)
+        for table in font["cmap"].tables:
+            if table.format in (4, 12):
+                for cp, name in table.cmap.items():
+                    mapping.setdefault(cp, font.getGlyphID(name))
         return mapping
 
-    def _coverage(self, offset: int) -> list[int]:
-        fmt, count = struct.unpack_from(">HH", self._data, offset)
-        if fmt == 1:
-            return list(struct.unpack_from(f">{count}H", self._data, offset + 4))
-        out: list[int] = []
-        for i in range(count):
-            start, end, _ = struct.unpack_from(">HHH", self._data, offset + 4 + 6 * i)
-            out.extend(range(start, end + 1))
-        return out
-
-    def _read_ligatures(self) -> list[tuple[int, tuple[int, ...]]]:
+    @staticmethod
+    def _read_ligatures(font: TTFont) -> list[tuple[int, tuple[int, ...]]]:
         """(ligature glyph, component glyphs) of every GSUB ligature substitution."""
-        gsub = self._tables["GSUB"]
-        lookups = gsub + self._u16(gsub + 8)
+        gid = font.getGlyphID
         out = []
-        for li in range(self._u16(lookups)):
-            lookup = lookups + self._u16(lookups + 2 + 2 * li)
-            ltype, _, nsub = struct.unpack_from(">HHH", self._data, lookup)
-            for si in range(nsub):
-                sub = lookup + self._u16(lookup + 6 + 2 * si)
-                stype = ltype
-                if stype == 7:  # extension: points at the real subtable
-                    _, stype, ext = struct.unpack_from(">HHI", self._data, sub)
-                    sub += ext
-                if stype != 4:
+        for lookup in font["GSUB"].table.LookupList.Lookup:
+            for sub in lookup.SubTable:
+                if lookup.LookupType == 7:  # extension: holds the real subtable
+                    sub = sub.ExtSubTable
+                if not hasattr(sub, "ligatures"):  # LigatureSubst (type 4) only
                     continue
-                _, cov, nsets = struct.unpack_from(">HHH", self._data, sub)
-                firsts = self._coverage(sub + cov)
-                for k in range(nsets):
-                    lset = sub + self._u16(sub + 6 + 2 * k)
-                    for m in range(self._u16(lset)):
-                        lig = lset + self._u16(lset + 2 + 2 * m)
-                        glyph, ncomp = struct.unpack_from(">HH", self._data, lig)
-                        rest = struct.unpack_from(f">{ncomp - 1}H", self._data, lig + 4)
-                        out.append((glyph, (firsts[k],) + rest))
+                for first, ligatures in sub.ligatures.items():
+                    for lig in ligatures:
+                        out.append((gid(lig.LigGlyph), (gid(first), *map(gid, lig.Component))))
         return out
 
-    def _read_sequences(self) -> dict[int, tuple[int, ...]]:
+    def _read_sequences(self, font: TTFont) -> dict[int, tuple[int, ...]]:
         """Glyph id -> its canonical code point sequence (glyphs with a bitmap only)."""
-        cmap = self._read_cmap()
+        cmap = self._read_cmap(font)
         reverse: dict[int, int] = {}
         for cp in sorted(cmap):
             reverse.setdefault(cmap[cp], cp)
         options: dict[int, set[tuple[int, ...]]] = {gid: {(cp,)} for gid, cp in reverse.items()}
-        for glyph, comps in self._read_ligatures():
+        for glyph, comps in self._read_ligatures(font):
             if all(c in reverse for c in comps):
                 options.setdefault(glyph, set()).add(tuple(reverse[c] for c in comps))
-        return {gid: _canonical_sequence(options[gid]) for gid in sorted(options) if gid in self._bitmaps}
-
-    def _read_cblc(self) -> dict[int, tuple[int, int, int]]:
-        """Glyph id -> (image format, offset in the file, length) for the first strike."""
-        cblc, cbdt = self._tables["CBLC"], self._tables["CBDT"]
-        if struct.unpack_from(">I", self._data, cblc + 4)[0] < 1:
-            raise MiniIliasError(f"{self.path.name} has no bitmap strike")
-        array, _, nsub = struct.unpack_from(">III", self._data, cblc + 8)
-        out: dict[int, tuple[int, int, int]] = {}
-        for k in range(nsub):
-            first, last, extra = struct.unpack_from(">HHI", self._data, cblc + array + 8 * k)
-            head = cblc + array + extra
-            ifmt, imfmt, data_at = struct.unpack_from(">HHI", self._data, head)
-            if ifmt in (1, 3):
-                n = last - first + 2
-                offs = struct.unpack_from(f">{n}{'I' if ifmt == 1 else 'H'}", self._data, head + 8)
-                pairs = [(first + i, offs[i], offs[i + 1]) for i in range(n - 1)]
-            elif ifmt == 4:
-                count = struct.unpack_from(">I", self._data, head + 8)[0]
-                raw = struct.unpack_from(f">{2 * (count + 1)}H", self._data, head + 12)
-                pairs = [(raw[2 * i], raw[2 * i + 1], raw[2 * i + 3]) for i in range(count)]
-            else:
-                raise MiniIliasError(f"{self.path.name}: CBLC index format {ifmt} is not supported")
-            for gid, start, end in pairs:
-                if end > start:
-                    out[gid] = (imfmt, cbdt + data_at + start, end - start)
-        return out
+        return {gid: _canonical_sequence(options[gid]) for gid in sorted(options) if gid in self._pngs}
 
     def image(self, gid: int) -> Image.Image:
         """The glyph's bitmap as RGBA (136 x 128 px for Noto Color Emoji)."""
-        fmt, at, _ = self._bitmaps[gid]
-        header = {17: 5, 18: 8, 19: 0}.get(fmt)
-        if header is None:
-            raise MiniIliasError(f"{self.path.name}: CBDT image format {fmt} is not supported")
-        length = struct.unpack_from(">I", self._data, at + header)[0]
-        png = self._data[at + header + 4: at + header + 4 + length]
-        return Image.open(io.BytesIO(png)).convert("RGBA")
+        return Image.open(io.BytesIO(self._pngs[gid])).convert("RGBA")
 
 
 def _is_private(cp: int) -> bool:
@@ -467,7 +470,7 @@ def group_families(glyphs: Sequence[Glyph]) -> list[tuple[Glyph, ...]]:
     return [tuple(families[key]) for key in sorted(families)]
 
 
-def _pick(rng: np.random.Generator, groups: Sequence[Sequence[Glyph]]) -> Glyph:
+def _pick(rng: np.random.Generator, groups: Sequence[Sequence[Any]]) -> Any:
     """A family uniformly at random, then one of its members (so skin tones do not swamp the rest)."""
     group = groups[int(rng.integers(len(groups)))]
     return group[int(rng.integers(len(group)))]
@@ -583,6 +586,47 @@ def photo_sources() -> list[SourceFile]:
         raise MiniIliasError("no background photo source could be fetched (opencv-doc, mate-backgrounds, "
                              "scikit-image); check apt-get and pip access to the package registries")
     return sorted(found, key=lambda s: (s.package, s.file))
+
+
+def object_photo_sources() -> list[SourceFile]:
+    """The photo family's object photos (photo_objects.OBJECT_PHOTO_SETS), sorted; a package that fails is skipped.
+
+    Raises :class:`MiniIliasError` if none can be fetched.
+    """
+    requirements = {"scikit-image": SKIMAGE_REQUIREMENT}
+    found: list[SourceFile] = []
+    for kind, package, folder, names in photo_objects.OBJECT_PHOTO_SETS:
+        try:
+            root, version = _package_root(kind, requirements.get(package, package))
+        except (AssetError, OSError, subprocess.CalledProcessError) as err:
+            logger.warning(f"object photo source {package} skipped: {err}")
+            continue
+        for name in names:
+            if not (root / folder / name).is_file():
+                logger.warning(f"{package}: {name} missing, skipped")
+                continue
+            found.append(SourceFile(package, version, f"{folder}/{name}", root / folder / name, "objects"))
+    if not found:
+        raise MiniIliasError("no object photo could be fetched (opencv-doc, scikit-image); check apt-get and "
+                             "pip access to the package registries")
+    return sorted(found, key=lambda s: (s.package, s.file))
+
+
+def photo_catalogue(sources: Sequence[SourceFile]) -> list[list[PhotoRegion]]:
+    """The candidate regions of every object photo (photo_objects.photo_cells), one list per photo."""
+    catalogue = []
+    for source in sources:
+        name = Path(source.file).name
+        cells = photo_objects.photo_cells(_object_photo(source.path), texture=name in photo_objects.TEXTURES)
+        catalogue.append([PhotoRegion(source.path, f"{source.package}:{source.file}", cell, r, c)
+                          for r, c, cell in cells])
+    return catalogue
+
+
+@lru_cache(maxsize=None)
+def _object_photo(path: Path) -> Image.Image:
+    """An object photo as RGB at its own resolution (cached per process)."""
+    return photo_objects.load_object_photo(path)
 
 
 @lru_cache(maxsize=None)
@@ -757,12 +801,14 @@ class _Plan:
     """What the worker processes need to draw any image (picklable)."""
 
     config: MiniIliasConfig
-    font_path: Path
-    photos: tuple[SourceFile, ...]
-    instances: tuple[Glyph, ...]
+    font_path: Optional[Path]  # None without emoji
+    photos: tuple[SourceFile, ...]  # backgrounds and photo patches
+    instances: tuple[Glyph | PhotoRegion, ...]
     clutter: tuple[tuple[Glyph, ...], ...]  # families of glyphs that are no instance
     decoys: tuple[tuple[Glyph, ...], ...]  # the non-instances of the instances' families
     out: Path
+    spare_cells: tuple[tuple[PhotoRegion, ...], ...] = ()  # per object photo, its cells that are no instance
+    decoy_cells: tuple[tuple[PhotoRegion, ...], ...] = ()  # those of the photos an instance comes from
 
 
 _PLAN: Optional[_Plan] = None
@@ -849,13 +895,14 @@ def _object_sprite(rng: np.random.Generator, plan: _Plan, glyph: Glyph,
 
 
 def _occlude(rng: np.random.Generator, plan: _Plan, canvas: Image.Image, sprite: Image.Image,
-             xy: tuple[int, int]) -> tuple[float, Optional[int]]:
+             xy: tuple[int, int], ranges: Optional[dict[str, Any]] = None) -> tuple[float, Optional[int]]:
     """Paste an emoji or photo patch over part of the object.
 
     Returns the share of the object's opaque pixels it hides (0 when no try
     of 12 hid a share within the range) and the occluding glyph id, if any.
+    ``ranges``: occlusion ranges (default TRANSFORMS["positive"]).
     """
-    ranges = TRANSFORMS["positive"]
+    ranges = TRANSFORMS["positive"] if ranges is None else ranges
     lo, hi = ranges["occlusion_cover"]
     obj = np.asarray(sprite.getchannel("A")) > TRANSFORMS["alpha_threshold"]
     total = max(int(obj.sum()), 1)
@@ -938,13 +985,172 @@ def _draw_query(rng: np.random.Generator, plan: _Plan, glyph: Glyph) -> tuple[Im
     return canvas, [box], {"objects": [{"area": round(box[2] * box[3] / (size[0] * size[1]), 5)}]}
 
 
+# --------------------------------------------------------------------------- photo family
+
+
+def _picture(rng: np.random.Generator, region: PhotoRegion, rect: tuple[int, int, int, int],
+             canvas: tuple[int, int], area: float, ranges: dict[str, Any], recolour: bool,
+             blur: float = 0.0) -> tuple[Image.Image, np.ndarray]:
+    """The picture ``rect`` of ``region``'s photo, seen in perspective, its box about ``area`` of ``canvas``.
+
+    The view (yaw, pitch, roll) is drawn from ``ranges``; ``recolour`` applies
+    ``ranges``' colour jitter first; ``blur`` is a Gaussian radius. Returns the
+    RGBA sprite (alpha: the warped rectangle) and its four corners in sprite
+    pixels (top-left, top-right, bottom-right, bottom-left of the picture).
+    """
+    source = _object_photo(region.path).crop(rect).convert("RGBA")
+    if recolour:
+        source = _recolour(source, rng, ranges)
+    w, h = source.size
+    unit = photo_objects.plane_view(w, h, rng.uniform(-ranges["yaw_deg"], ranges["yaw_deg"]),
+                                    rng.uniform(-ranges["pitch_deg"], ranges["pitch_deg"]),
+                                    rng.uniform(-ranges["roll_deg"], ranges["roll_deg"]),
+                                    focal=ranges.get("focal", 2.0))
+    span = unit.max(0) - unit.min(0)
+    scale = math.sqrt(area * canvas[0] * canvas[1] / float(span[0] * span[1]))
+    scale = min(scale, 0.98 * canvas[0] / float(span[0]), 0.98 * canvas[1] / float(span[1]))
+    src = source.convert("RGBa")  # premultiplied: edges take no colour from outside
+    src_corners = np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=np.float64)
+    if scale < 0.8:  # minify with a proper filter first, then warp at about unit scale
+        small = (max(1, round(w * scale)), max(1, round(h * scale)))
+        src = src.resize(small, Image.Resampling.LANCZOS)
+        src_corners = src_corners * [small[0] / w, small[1] / h]
+    pad = 2 + int(math.ceil(3 * blur))
+    corners = unit * scale
+    corners = corners - corners.min(0) + pad
+    size = tuple(int(v) for v in np.ceil(corners.max(0) + pad))
+    sprite = src.transform(size, Image.Transform.PERSPECTIVE, _perspective_coeffs(corners, src_corners),
+                           Image.Resampling.BICUBIC)
+    if blur > 0:
+        sprite = sprite.filter(ImageFilter.GaussianBlur(blur))
+    return sprite.convert("RGBA"), corners
+
+
+def _place(rng: np.random.Generator, corners: np.ndarray, canvas: tuple[int, int], cut: float) -> tuple[int, int]:
+    """Where to paste a sprite so its corners' box lies in the image, or reaches out by up to ``cut`` of it."""
+    low, high = corners.min(0), corners.max(0)
+    span = high - low
+    xy = []
+    for axis in (0, 1):
+        first = math.ceil(-low[axis] - cut * span[axis])
+        last = math.floor(canvas[axis] - high[axis] + cut * span[axis])
+        xy.append(int(rng.integers(first, max(first, last) + 1)))
+    return xy[0], xy[1]
+
+
+def _paste_object(canvas: Image.Image, sprite: Image.Image, xy: tuple[int, int]) -> None:
+    """Paste a photo-family object (instance or decoy); a function of its own so tests can watch it."""
+    _paste(canvas, sprite, xy)
+
+
+def _random_rect(rng: np.random.Generator, region: PhotoRegion) -> tuple[int, int, int, int]:
+    ranges = PHOTO_TRANSFORMS["region"]
+    return photo_objects.sub_rectangle(rng, region.cell, ranges["area"], ranges["aspect"])
+
+
+def _add_pictures(rng: np.random.Generator, plan: _Plan, canvas: Image.Image, count: int) -> list[str]:
+    """Paste ``count`` pictures cut from object-photo cells that are no instance; returns their names."""
+    ranges = PHOTO_TRANSFORMS["positive"]
+    used = []
+    for _ in range(count if plan.spare_cells else 0):
+        region = _pick(rng, plan.spare_cells)
+        area = _loguniform(rng, *ranges["clutter_area"])
+        sprite, corners = _picture(rng, region, _random_rect(rng, region), canvas.size, area, ranges, recolour=True)
+        _paste(canvas, sprite, _place(rng, corners, canvas.size, 1 / 3))
+        used.append(region.name)
+    return used
+
+
+def _draw_photo_scene(rng: np.random.Generator, plan: _Plan, region: Optional[PhotoRegion], copies: int,
+                      counts: dict[str, Any]) -> tuple[Image.Image, list[tuple[int, int, int, int]], dict]:
+    """Photo background, photo patches and pictures behind, then ``copies`` of ``region``'s picture on top.
+
+    ``region`` is an instance (its fixed ``rect``) or a decoy cell (a random
+    rectangle of it). ``counts`` gives the ranges of the numbers of clutter
+    pictures and photo patches.
+    """
+    base, ranges = TRANSFORMS["positive"], PHOTO_TRANSFORMS["positive"]
+    size = (int(rng.integers(base["side_px"][0], base["side_px"][1] + 1)),
+            int(rng.integers(base["side_px"][0], base["side_px"][1] + 1)))
+    source, photo = _random_photo(rng, plan)
+    canvas = _photo_crop(rng, photo, size, base["crop_scale"], base["flip_p"])
+    n_pictures = int(rng.integers(counts["clutter_pictures"][0], counts["clutter_pictures"][1] + 1))
+    n_photo = int(rng.integers(counts["clutter_photo"][0], counts["clutter_photo"][1] + 1))
+    _add_clutter(rng, plan, canvas, 0, n_photo)
+    pictures = _add_pictures(rng, plan, canvas, n_pictures)
+    cfg = plan.config
+    boxes: list[tuple[int, int, int, int]] = []
+    objects = []
+    for _ in range(copies if region is not None else 0):
+        rect = region.rect if region.rect is not None else _random_rect(rng, region)
+        area = _loguniform(rng, cfg.min_area * 1.05, cfg.max_area * 0.95)
+        blur = rng.uniform(*ranges["object_blur_radius"]) if rng.random() < ranges["object_blur_p"] else 0.0
+        sprite, corners = _picture(rng, region, rect, size, area, ranges, recolour=True, blur=blur)
+        cut = ranges["frame_cut"] if rng.random() < ranges["frame_cut_p"] else 0.0
+        for _ in range(30):
+            xy = _place(rng, corners, size, cut)
+            box = photo_objects.visible_box(corners + xy, *size)
+            if box is not None and not any(_boxes_overlap(box, other) for other in boxes):
+                break
+        else:
+            continue  # no free room for another copy
+        _paste_object(canvas, sprite, xy)
+        info = {"blur": round(blur, 3), "corners": np.round(corners + xy, 2).tolist(), "occluded": 0.0}
+        if rng.random() < ranges["occlusion_p"]:
+            info["occluded"], _ = _occlude(rng, plan, canvas, sprite, xy, ranges)
+        info["area"] = round(box[2] * box[3] / (size[0] * size[1]), 5)
+        boxes.append(box)
+        objects.append(info)
+    image_blur = rng.uniform(*ranges["image_blur_radius"]) if rng.random() < ranges["image_blur_p"] else 0.0
+    if image_blur:
+        canvas = canvas.filter(ImageFilter.GaussianBlur(image_blur))
+    meta = {"background": f"{source.package}:{Path(source.file).name}", "objects": objects,
+            "clutter_pictures": pictures, "image_blur": round(image_blur, 3)}
+    return canvas, boxes, meta
+
+
+def _draw_photo_query(rng: np.random.Generator, region: PhotoRegion) -> tuple[Image.Image, list, dict]:
+    base, ranges = TRANSFORMS["query"], PHOTO_TRANSFORMS["query"]
+    size = (int(rng.integers(base["side_px"][0], base["side_px"][1] + 1)),
+            int(rng.integers(base["side_px"][0], base["side_px"][1] + 1)))
+    canvas = _uniform_background(rng, size, base)
+    sprite, corners = _picture(rng, region, region.rect, size, rng.uniform(*ranges["area"]), ranges, recolour=False)
+    xy = _place(rng, corners, size, 0.0)
+    _paste_object(canvas, sprite, xy)
+    box = photo_objects.visible_box(corners + xy, *size)
+    return canvas, [box], {"objects": [{"area": round(box[2] * box[3] / (size[0] * size[1]), 5),
+                                        "corners": np.round(corners + xy, 2).tolist()}]}
+
+
+def _photo_distractor(i: int, config: MiniIliasConfig) -> bool:
+    """Whether distractor ``i`` follows the photo family's recipe (all for photo, every other one for both)."""
+    return config.objects == "photo" or (config.objects == "both" and i % 2 == 1)
+
+
 def _render(task: tuple[str, int, int]) -> tuple[str, dict]:
     """Draw and write one image (and its box file); returns its relative path and metadata."""
     kind, i, j = task
     plan = _PLAN
     assert plan is not None, "worker started without a plan"
     rng = _rng(plan.config, kind, i, j)
-    if kind == "query":
+    if kind in ("query", "pos") and isinstance(plan.instances[i], PhotoRegion):
+        region = plan.instances[i]
+        folder = f"ilias_core/{instance_folder(region, i)}"
+        if kind == "query":
+            image, boxes, meta = _draw_photo_query(rng, region)
+            rel = f"{folder}/query/Q{i:03d}_{j:02d}"
+        else:
+            copies = 2 if rng.random() < PHOTO_TRANSFORMS["positive"]["two_copies_p"] else 1
+            image, boxes, meta = _draw_photo_scene(rng, plan, region, copies, PHOTO_TRANSFORMS["positive"])
+            rel = f"{folder}/pos/P{i:03d}_{j:02d}"
+    elif kind == "distractor" and _photo_distractor(i, plan.config):
+        ranges = PHOTO_TRANSFORMS["distractor"]
+        decoy = _pick(rng, plan.decoy_cells) if plan.decoy_cells and rng.random() < ranges["decoy_p"] else None
+        image, boxes, meta = _draw_photo_scene(rng, plan, decoy, 1, ranges)
+        meta["decoy_picture"] = decoy.name if decoy is not None else None
+        boxes = []  # distractors are unlabelled
+        rel = f"distractors/D{i:06d}"
+    elif kind == "query":
         glyph = plan.instances[i]
         image, boxes, meta = _draw_query(rng, plan, glyph)
         rel = f"ilias_core/{instance_folder(glyph, i)}/query/Q{i:03d}_{j:02d}"
@@ -981,8 +1187,8 @@ def _init_worker(plan: Optional[_Plan]) -> None:
     _PLAN = plan
 
 
-def instance_folder(glyph: Glyph, index: int) -> str:
-    """Folder name of instance ``index``: the glyph's name plus the index, e.g. ``dog_face_003``."""
+def instance_folder(glyph: Glyph | PhotoRegion, index: int) -> str:
+    """Folder name of instance ``index``: the glyph's (or picture's) name plus the index, e.g. ``dog_face_003``."""
     return f"{glyph.name}_{index:03d}"
 
 
@@ -1002,12 +1208,12 @@ def _existing(out: Path, config: MiniIliasConfig) -> Optional[dict]:
         except ValueError as err:
             raise MiniIliasError(f"{marker} is unreadable ({err}); delete {out} to regenerate") from None
         wanted = {"version": GENERATOR_VERSION, **asdict(config)}
-        found = {"version": done.get("version"), **done.get("parameters", {})}
+        found = {"version": done.get("version"), "objects": "emoji", **done.get("parameters", {})}
         if found == wanted:
             return done
         diff = ", ".join(f"{k}={found.get(k)!r} (asked {v!r})" for k, v in wanted.items() if found.get(k) != v)
         raise MiniIliasError(f"{out} holds a mini-ILIAS generated with other parameters: {diff}; "
-                             "choose another --out or delete it")
+                             "choose another --out (dataset.root) or delete it")
     if any(out.iterdir()):
         raise MiniIliasError(f"{out} is not empty and holds no GENERATED.json; refusing to write into it")
     return None
@@ -1027,18 +1233,44 @@ def generate(out: Path, config: MiniIliasConfig = MiniIliasConfig(), workers: in
     out = Path(out)
     done = _existing(out, config)
     if done is not None:
-        logger.info(f"{out} already holds this mini-ILIAS (seed {config.seed}); nothing to do")
+        logger.debug(f"{out} already holds this mini-ILIAS (seed {config.seed}); nothing to do")
         return done
     started = time.perf_counter()
-    font_file = font_source()
+    n_emoji, n_photo = config.family_counts()
+    rng = np.random.default_rng(config.seed)
+    font_file = font_source() if n_emoji else None
     photos = photo_sources()
-    font = EmojiFont(font_file.path)
-    glyphs = eligible_glyphs(font)
-    instances = select_instances(glyphs, config, np.random.default_rng(config.seed))
-    taken = {g.gid for g in instances}
-    families = {g.family for g in instances}
-    clutter = tuple(group_families([g for g in glyphs if g.gid not in taken]))
-    decoys = tuple(f for f in clutter if f[0].family in families)
+    instances: list[Glyph | PhotoRegion] = []
+    clutter: tuple[tuple[Glyph, ...], ...] = ()
+    decoys: tuple[tuple[Glyph, ...], ...] = ()
+    if font_file is not None:
+        font = EmojiFont(font_file.path)
+        glyphs = eligible_glyphs(font)
+        instances = select_instances(glyphs, replace(config, instances=n_emoji), rng)
+        taken = {g.gid for g in instances}
+        families = {g.family for g in instances}
+        clutter = tuple(group_families([g for g in glyphs if g.gid not in taken]))
+        decoys = tuple(f for f in clutter if f[0].family in families)
+    object_files: list[SourceFile] = []
+    spare_cells: tuple[tuple[PhotoRegion, ...], ...] = ()
+    decoy_cells: tuple[tuple[PhotoRegion, ...], ...] = ()
+    if config.objects != "emoji":  # no photo that shows an object source may be a background
+        photos = [p for p in photos if photo_objects.is_background(Path(p.file).name)]
+    if n_photo:
+        object_files = object_photo_sources()
+        catalogue = photo_catalogue(object_files)
+        try:
+            regions = photo_objects.select_regions(catalogue, n_photo, rng)
+        except ValueError as err:
+            raise MiniIliasError(str(err)) from None
+        region_ranges = PHOTO_TRANSFORMS["region"]
+        pictures = [replace(r, rect=photo_objects.sub_rectangle(rng, r.cell, region_ranges["area"],
+                                                                region_ranges["aspect"])) for r in regions]
+        chosen = {(r.source, r.row, r.col) for r in regions}
+        spare_cells = tuple(tuple(r for r in cells if (r.source, r.row, r.col) not in chosen) for cells in catalogue)
+        spare_cells = tuple(cells for cells in spare_cells if cells)
+        decoy_cells = tuple(cells for cells in spare_cells if cells[0].family in {r.family for r in regions})
+        instances += pictures
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stale = sorted(p.name for p in out.parent.glob(f"{out.name}.partial-*"))
@@ -1047,7 +1279,8 @@ def generate(out: Path, config: MiniIliasConfig = MiniIliasConfig(), workers: in
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)
-        plan = _Plan(config, font_file.path, tuple(photos), tuple(instances), clutter, decoys, tmp)
+        plan = _Plan(config, font_file.path if font_file else None, tuple(photos), tuple(instances), clutter,
+                     decoys, tmp, spare_cells, decoy_cells)
         tasks = [("query", i, j) for i in range(len(instances)) for j in range(config.queries_per_instance)]
         tasks += [("pos", i, j) for i in range(len(instances)) for j in range(config.positives_per_instance)]
         tasks += [("distractor", i, 0) for i in range(config.distractors)]
@@ -1060,7 +1293,7 @@ def generate(out: Path, config: MiniIliasConfig = MiniIliasConfig(), workers: in
         else:
             _init_worker(plan)
             results = [_render(task) for task in tasks]
-        content = _manifest(config, font_file, photos, instances, results)
+        content = _manifest(config, font_file, photos, object_files, instances, results)
         (tmp / "GENERATED.json").write_text(json.dumps(content, indent=1, sort_keys=True) + "\n")
         try:
             if out.is_dir():
@@ -1082,20 +1315,37 @@ def generate(out: Path, config: MiniIliasConfig = MiniIliasConfig(), workers: in
     return content
 
 
-def _manifest(config: MiniIliasConfig, font_file: SourceFile, photos: list[SourceFile],
-              instances: list[Glyph], results: list[tuple[str, dict]]) -> dict:
+def _instance_entry(instance: Glyph | PhotoRegion, index: int, lookalikes: list[str]) -> dict:
+    folder = instance_folder(instance, index)
+    others = [f for f in lookalikes if f != folder]
+    if isinstance(instance, PhotoRegion):
+        x0, y0, x1, y1 = instance.rect
+        return {"folder": folder, "family": instance.family, "source": instance.source,
+                "region": [x0, y0, x1 - x0, y1 - y0], "lookalikes": others}
+    return {"folder": folder, "glyph_id": instance.gid, "family": instance.family,
+            "codepoints": " ".join(f"U+{cp:04X}" for cp in instance.codepoints), "lookalikes": others}
+
+
+def _manifest(config: MiniIliasConfig, font_file: Optional[SourceFile], photos: list[SourceFile],
+              object_files: list[SourceFile], instances: list[Glyph | PhotoRegion],
+              results: list[tuple[str, dict]]) -> dict:
     by_family: dict[str, list[str]] = {}
-    for i, glyph in enumerate(instances):
-        by_family.setdefault(glyph.family, []).append(instance_folder(glyph, i))
+    for i, instance in enumerate(instances):
+        by_family.setdefault(instance.family, []).append(instance_folder(instance, i))
+    files = [f for f in [font_file, *photos, *object_files] if f is not None]
     sources = [{"package": s.package, "version": s.version, "file": s.file, "role": s.role,
-                "sha256": sha256_of(s.path)} for s in [font_file, *photos]]
+                "sha256": sha256_of(s.path)} for s in files]
     images = dict(results)
+    photo_counts = {}
+    if config.objects != "emoji":
+        photo_counts = {"object_photos": len(object_files),
+                        "photo_instances": sum(isinstance(x, PhotoRegion) for x in instances)}
     return {
         "generator": "patchify.datasets.mini_ilias",
         "version": GENERATOR_VERSION,
-        "parameters": asdict(config),
+        "parameters": config.parameters(),
         "seed": config.seed,
-        "transforms": TRANSFORMS,
+        "transforms": TRANSFORMS if config.objects == "emoji" else {**TRANSFORMS, "photo_objects": PHOTO_TRANSFORMS},
         "libraries": {"numpy": np.__version__, "pillow": PIL.__version__,
                       "unicodedata": unicodedata.unidata_version},
         "sources": sources,
@@ -1107,13 +1357,9 @@ def _manifest(config: MiniIliasConfig, font_file: SourceFile, photos: list[Sourc
             "boxes": sum(len(m["boxes"]) for m in images.values()),
             "lookalike_instances": sum(len(v) for v in by_family.values() if len(v) > 1),
             "photos": len(photos),
+            **photo_counts,
         },
-        "instances": [
-            {"folder": instance_folder(g, i), "glyph_id": g.gid, "family": g.family,
-             "codepoints": " ".join(f"U+{cp:04X}" for cp in g.codepoints),
-             "lookalikes": [f for f in by_family[g.family] if f != instance_folder(g, i)]}
-            for i, g in enumerate(instances)
-        ],
+        "instances": [_instance_entry(x, i, by_family[x.family]) for i, x in enumerate(instances)],
         "images": images,
     }
 
@@ -1133,13 +1379,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="share of instances that come with a look-alike instance")
     parser.add_argument("--min-area", type=float, default=defaults.min_area)
     parser.add_argument("--max-area", type=float, default=defaults.max_area)
+    parser.add_argument("--objects", choices=OBJECT_FAMILIES, default=defaults.objects,
+                        help="object family: emoji, photo (pictures cut from photos) or both (half each)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="processes drawing images (does not change the output)")
     args = parser.parse_args(argv)
     config = MiniIliasConfig(instances=args.instances, queries_per_instance=args.queries,
                              positives_per_instance=args.positives, distractors=args.distractors, seed=args.seed,
                              hard_negative_fraction=args.hard_negatives, min_area=args.min_area,
-                             max_area=args.max_area)
+                             max_area=args.max_area, objects=args.objects)
     try:
         generate(args.out, config, workers=args.workers)
     except (MiniIliasError, AssetError) as err:
