@@ -15,13 +15,17 @@ seconds per image: a query none of whose candidates was described before. Match 
 columns are per (query, candidate) pair, measured inside (2)::
 
     python benchmarks/verify_speed.py [--matchers mnn lighterglue lightglue] [--queries 30] [--top-n 100]
-        [Hydra overrides ...]
+        [--threads 1] [Hydra overrides ...]
+
+The first line printed gives the threads and the machine's load average: on a shared machine,
+torch's two threads fight other jobs for the cores and the learned matchers slow down several-fold.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import sys
 import tempfile
@@ -91,7 +95,10 @@ def main() -> None:
     parser.add_argument("--matchers", nargs="+", default=list(rr.MATCHERS), choices=rr.MATCHERS)
     parser.add_argument("--queries", type=int, default=0, help="first Q queries only (0: all)")
     parser.add_argument("--top-n", type=int, default=0, help="candidates verified per query (0: rerank.top_n)")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args, overrides = parser.parse_known_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     setup_logging(None)
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["rerank=verify", *overrides])
@@ -110,7 +117,8 @@ def main() -> None:
 
     needed = sorted({int(i) for i in hits.images[:, :n].ravel() if i >= 0})
     watches = [Stopwatch(name) for name in ("mutual_matches", "learned_matches", "ransac")]
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.1f} at start; "
           f"{nq} queries x top {n} ({len(needed)} distinct gallery images); overrides: {' '.join(overrides) or '-'}")
     print("| matcher | gallery s/image | warm ms/query | cold ms/query | query features + rest ms | match ms/pair "
           "| RANSAC ms/pair | verified pairs |")

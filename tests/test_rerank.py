@@ -328,3 +328,14 @@ def test_both_stages_run_end_to_end_and_a_second_run_computes_nothing(smoke_over
         ids, plain_ids = json.loads(line)["ids"], json.loads(plain_line)["ids"]
         assert sorted(ids[:4]) == sorted(plain_ids[:4]) and ids[4:] == plain_ids[4:]
 
+
+
+def test_connected_region_equals_scipy_labelling_on_random_maps():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        mask = rng.random((int(rng.integers(1, 13)), int(rng.integers(1, 13)))) < rng.uniform(0.2, 0.8)
+        seed = (int(rng.integers(mask.shape[0])), int(rng.integers(mask.shape[1])))
+        labels, _ = ndimage.label(mask)  # 4-connectivity, the default
+        expected = (labels == labels[seed]) & mask[seed]
+        assert np.array_equal(rr.connected_region(mask, seed), expected), trial

@@ -33,7 +33,7 @@ from ..indexing import bundle_folder
 from ..pyramid import levels_for
 from ..report import RunReport
 from ..rerank import RerankResult, rerank
-from ..search import ImageHits, rows_of_ids, search_images
+from ..search import ImageHits, PatchOwners, rows_of_ids, search_images
 from ..settings import ConfigError
 from .evaluate import refine_model_of
 
@@ -184,13 +184,14 @@ def run_search(cfg: DictConfig, report: RunReport) -> dict:
         raise DataError(f"{folder}: no index for {cfg.dataset.root} with these settings; run task=index first")
     index, gallery = bundle.index, bundle.gallery
     row_of_id = rows_of_ids(gallery["patch_ids"]) if "patch_ids" in gallery else None
+    owners = PatchOwners.of(gallery["patch_image"])  # once per bundle: each query then costs what FAISS costs
     faiss_index.set_search_params(index, index_spec(cfg.index))
     stage, qe_top = str(cfg.rerank.stage), int(cfg.rerank.qe.top)
     shown = int(cfg.query.top_k)
     depth = max(shown, int(cfg.rerank.top_n) if stage != "none" else 0, qe_top)
 
     def search(vectors: np.ndarray) -> ImageHits:
-        return search_images(index, vectors, gallery["patch_image"], depth, metric=str(cfg.index.metric),
+        return search_images(index, vectors, owners, depth, metric=str(cfg.index.metric),
                              row_of_id=row_of_id)
 
     queries, vectors, seconds, skipped, rows = [], [], [], [], []
