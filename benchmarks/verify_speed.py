@@ -14,8 +14,10 @@ Warm ms/query is (2) / queries. Cold ms/query is the warm figure plus N times th
 seconds per image: a query none of whose candidates was described before. Match and RANSAC
 columns are per (query, candidate) pair, measured inside (2)::
 
-    python benchmarks/verify_speed.py [--matchers mnn lighterglue lightglue] [--queries 30] [--top-n 100]
-        [--threads 1] [Hydra overrides ...]
+    python benchmarks/verify_speed.py [Hydra overrides ...] [--queries 30] [--top-n 100] [--threads 1]
+        [--matchers mnn lighterglue lightglue]
+
+(``--matchers`` takes every word after it: give Hydra overrides before it.)
 
 The first line printed gives the threads and the machine's load average: on a shared machine,
 torch's two threads fight other jobs for the cores and the learned matchers slow down several-fold.
