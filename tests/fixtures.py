@@ -53,3 +53,16 @@ def make_ilias_fixture(root: Path, instances: int = 4, positives: int = 3, distr
     for d in range(distractors):
         _background(rng, 320, 240).save(root / "distractors" / f"D{d:06d}.jpg", quality=95)
     return root
+
+
+def skimage_photos(*names: str) -> list[Image.Image]:
+    """Real photos from scikit-image's wheel (a registry package), or skip the test."""
+    import pytest
+    from patchify.assets import AssetError, pip_package
+    from patchify.datasets.mini_ilias import SKIMAGE_REQUIREMENT
+
+    try:
+        root = pip_package(SKIMAGE_REQUIREMENT) / "skimage" / "data"
+    except AssetError as err:  # pragma: no cover - depends on the registry
+        pytest.skip(f"no photos: {err}")
+    return [Image.open(root / name).convert("RGB") for name in names]

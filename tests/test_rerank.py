@@ -6,16 +6,16 @@ import json
 
 import numpy as np
 import pytest
+from fixtures import skimage_photos
 from conftest import compose_config
 from fixtures import _background
 from omegaconf import OmegaConf
 from PIL import Image
 
 import patchify.rerank as rr
-from patchify.assets import AssetError, pip_package
+from patchify.assets import AssetError
 from patchify.data import ImageRecord
 from patchify.metrics import box_iou
-from patchify.datasets.mini_ilias import SKIMAGE_REQUIREMENT
 from patchify.model import load_model
 from patchify.pipeline import run
 from patchify.pyramid import level_boxes
@@ -24,13 +24,6 @@ from patchify.search import ImageHits
 RERANK = compose_config(["rerank=both"]).rerank
 
 
-def _photos(*names: str) -> list[Image.Image]:
-    """Real photos from scikit-image's wheel (a registry package), or skip the test."""
-    try:
-        root = pip_package(SKIMAGE_REQUIREMENT) / "skimage" / "data"
-    except AssetError as err:  # pragma: no cover - depends on the registry
-        pytest.skip(f"no photos: {err}")
-    return [Image.open(root / name).convert("RGB") for name in names]
 
 
 def _record(path, image: Image.Image, **kwargs) -> ImageRecord:
@@ -47,7 +40,7 @@ def _pyramid(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- refine
 
 def test_refine_finds_the_object_where_no_grid_cell_can(tmp_path):
-    cat, = _photos("chelsea.png")
+    cat, = skimage_photos("chelsea.png")
     scene = _background(np.random.default_rng(0), 448, 448)
     scene.paste(cat.resize((84, 84)), (100, 100))  # inside L3 cell (112..224)^2, off its centre
     truth = np.array([100, 100, 84, 84], np.float64)
@@ -85,7 +78,7 @@ def test_cell_map_box_covers_the_cells_that_score_high():
 def _warped_scene(tmp_path) -> tuple[list[ImageRecord], np.ndarray]:
     """[query, scene, unrelated] and the true box: the astronaut shrunk and seen in perspective
     inside a larger scene of another photo; the unrelated image is the cat."""
-    astronaut, coffee, cat = _photos("astronaut.png", "coffee.png", "chelsea.png")
+    astronaut, coffee, cat = skimage_photos("astronaut.png", "coffee.png", "chelsea.png")
     scene = coffee.resize((700, 560))
     src = np.array([[0, 0], [512, 0], [512, 512], [0, 512]], np.float64)
     dst = np.array([[250, 160], [560, 190], [540, 470], [230, 430]], np.float64)

@@ -7,25 +7,17 @@ import shutil
 
 import numpy as np
 import pytest
+from fixtures import skimage_photos
 from conftest import compose_config
 from PIL import Image
 
 import patchify.rerank as rr
-from patchify.assets import AssetError, pip_package
-from patchify.datasets.mini_ilias import SKIMAGE_REQUIREMENT
 from patchify.expansion import alpha_query_expansion, feeding
 from patchify.metrics import box_iou
 from patchify.pipeline import run
 from patchify.search import ImageHits
 
 
-def _photos(*names: str) -> list[Image.Image]:
-    """Real photos from scikit-image's wheel (a registry package), or skip the test."""
-    try:
-        root = pip_package(SKIMAGE_REQUIREMENT) / "skimage" / "data"
-    except AssetError as err:  # pragma: no cover - depends on the registry
-        pytest.skip(f"no photos: {err}")
-    return [Image.open(root / name).convert("RGB") for name in names]
 
 
 @pytest.fixture
@@ -33,7 +25,7 @@ def hanging_picture(tmp_path):
     """A folder of real photos; in one of them (the coffee cup) the astronaut portrait hangs as a small
     picture seen in perspective. The query is the clean portrait (not in the folder). Returns
     (folder, query path, scene path, the warped picture's true box)."""
-    astronaut, coffee, cat, rocket, motorcycle = _photos("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg",
+    astronaut, coffee, cat, rocket, motorcycle = skimage_photos("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg",
                                                          "motorcycle_left.png")
     scene = coffee.resize((800, 533))
     corners = np.array([[470, 60], [700, 85], [690, 330], [455, 300]], np.float64)  # tilted, seen from the left
