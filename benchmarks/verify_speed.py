@@ -138,7 +138,7 @@ def main() -> None:
                 watch.reset()
             run_hits = copy.deepcopy(hits)
             started = time.perf_counter()
-            inliers, described = rr._verify(verify, run_hits, n, queries, dataset.gallery, size_of, Path(root))
+            inliers, _, described = rr._verify(verify, run_hits, n, queries, dataset.gallery, size_of, Path(root))
             warm = time.perf_counter() - started
         pairs = int((inliers >= 0).sum())
         match = sum(w.seconds for w in watches if w.name != "ransac")

@@ -250,6 +250,17 @@ def test_projected_box_is_clipped_and_degenerate_fits_are_refused():
     assert rr.clip_box(np.array([-10, 5, 30, 500.0]), 100, 100).tolist() == [0, 5, 20, 95]
 
 
+def test_projected_outline_keeps_the_corners_the_box_loses():
+    shift = np.array([[1, 0, 300], [0, 1, -50], [0, 0, 1]], np.float64)
+    outline = rr.projected_outline(shift, np.array([0, 0, 200, 100.0]))  # unclipped, clockwise from top-left
+    assert outline.tolist() == [[300, -50], [500, -50], [500, 50], [300, 50]]
+    keystone = np.array([[1, 0, 0], [0, 1, 0], [0.001, 0, 1]], np.float64)  # far side shrinks
+    corners = rr.projected_outline(keystone, np.array([0, 0, 100, 100.0]))
+    far = 100 / 1.1  # x' = x / (1 + 0.001 x), y' = y / (1 + 0.001 x): the right edge is shorter, not a box
+    assert np.allclose(corners, [[0, 0], [far, 0], [far, far], [0, 100]])
+    assert rr.projected_outline(np.array([[1, 0, 0], [0, 1, 0], [-0.02, 0.0, 1]]), np.array([0, 0, 100, 100.0])) is None
+
+
 def test_reranking_keeps_every_image_and_the_order_of_unverified_ones(monkeypatch, tmp_path):
     rng = np.random.default_rng(1)
     nq, k, n = 5, 40, 25

@@ -24,7 +24,7 @@ from patchify.search import ImageHits
 def hanging_picture(tmp_path):
     """A folder of real photos; in one of them (the coffee cup) the astronaut portrait hangs as a small
     picture seen in perspective. The query is the clean portrait (not in the folder). Returns
-    (folder, query path, scene path, the warped picture's true box)."""
+    (folder, query path, scene path, the warped picture's true box, its true corners TL, TR, BR, BL)."""
     astronaut, coffee, cat, rocket, motorcycle = skimage_photos("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg",
                                                          "motorcycle_left.png")
     scene = coffee.resize((800, 533))
@@ -44,7 +44,7 @@ def hanging_picture(tmp_path):
         image.save(folder / name, quality=92)
     query = tmp_path / "portrait.jpg"
     astronaut.save(query, quality=95)
-    return folder, query, folder / "kitchen.jpg", truth
+    return folder, query, folder / "kitchen.jpg", truth, corners
 
 
 def _overrides(tmp_path, folder, *extra):
@@ -58,7 +58,7 @@ def _search(tmp_path, folder, query, name, *extra) -> dict:
 
 
 def test_verified_search_finds_the_hanging_picture_and_reuses_gallery_features(tmp_path, hanging_picture, monkeypatch):
-    folder, query, scene, truth = hanging_picture
+    folder, query, scene, truth, corners = hanging_picture
     run(compose_config(_overrides(tmp_path, folder, "task=index")), tmp_path / "index")
     plain = _search(tmp_path, folder, query, "plain")
     assert "inliers" not in plain["queries"][0]["results"][0]  # no re-ranking: nothing verified
@@ -69,6 +69,10 @@ def test_verified_search_finds_the_hanging_picture_and_reuses_gallery_features(t
     assert best["path"] == str(scene) and best["verified"] and best["inliers"] >= 15
     iou = box_iou(np.array(best["box"], np.float64), truth).max()
     assert iou >= 0.7, f"verified box {best['box']} has IoU {iou:.2f} with {truth.tolist()}"
+    # the outline is the query's frame through the homography: the picture's four tilted corners, in order
+    error = np.linalg.norm(np.array(best["outline"]) - corners, axis=1).max()
+    assert error <= 20, f"verified outline {best['outline']} is {error:.0f} px from the true corners"
+    assert all("outline" not in hit for hit in results[1:])
     assert len(results) == 3 and all(not hit["verified"] for hit in results[1:])  # no other photo holds the portrait
     assert first["rerank"]["verify_images_described"] == 5 + 1  # the folder's 5 photos and the query
     assert list((tmp_path / "first").glob("search_*.jpg"))
@@ -88,7 +92,7 @@ def test_verified_search_finds_the_hanging_picture_and_reuses_gallery_features(t
 
 
 def test_both_stages_in_search_read_vectors_and_skip_images_gone_from_disk(tmp_path, hanging_picture):
-    folder, query, scene, truth = hanging_picture
+    folder, query, scene, truth, _ = hanging_picture
     run(compose_config(_overrides(tmp_path, folder, "task=index")), tmp_path / "index")
     gone = folder / "rocket.jpg"
     shutil.move(gone, tmp_path / "rocket.jpg")

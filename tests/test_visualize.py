@@ -19,6 +19,7 @@ from patchify.visualize import (
     UNKNOWN_COLOUR,
     _layout,
     draw_boxes,
+    draw_outline,
     metric_rows,
     result_strip,
     safe_name,
@@ -290,3 +291,15 @@ def test_html_report_scale_chart_shows_the_runs_numbers(items, tmp_path):
     assert write_html_report(tmp_path / "o.html", "t", other, items, thumb=64).read_text() != text
     no_scales = write_html_report(tmp_path / "n.html", "t", dict(METRICS, mAP_scale={"0.000-0.069": None}), items)
     assert 'class="chart"' not in no_scales.read_text()
+
+
+def test_draw_outline_draws_a_tilted_quadrilateral_and_skips_bad_corners():
+    image = Image.new("RGB", (100, 100), (0, 0, 0))
+    corners = [(20, 10), (80, 20), (70, 90), (10, 80)]
+    out = np.asarray(draw_outline(image, corners, (255, 0, 255), width=1))
+    assert tuple(out[10, 20]) == (255, 0, 255) and tuple(out[90, 70]) == (255, 0, 255)  # corners
+    assert tuple(out[15, 50]) == (255, 0, 255)  # on the top edge (20,10)-(80,20)
+    assert tuple(out[50, 50]) == (0, 0, 0)  # inside: not filled
+    assert tuple(out[5, 20]) == (0, 0, 0)  # outside
+    nan = np.asarray(draw_outline(image, [(0, 0), (np.nan, 5), (5, 5), (0, 5)], (255, 0, 255)))
+    assert not nan.any()

@@ -501,9 +501,9 @@ def ransac(src: np.ndarray, dst: np.ndarray, threshold: float, max_iterations: i
     return (np.asarray(h, np.float64) if inliers >= 4 and np.isfinite(h).all() else None), inliers
 
 
-def projected_box(h: np.ndarray, box: np.ndarray, width: int, height: int) -> np.ndarray | None:
-    """The box's corners through ``h``, boxed and clipped to the image; None for a degenerate fit
-    (a corner beyond the horizon, or a projected quadrilateral that is not convex) or no area left."""
+def projected_outline(h: np.ndarray, box: np.ndarray) -> np.ndarray | None:
+    """The box's four corners through ``h`` (clockwise from top-left, (4, 2), unclipped); None for a degenerate
+    fit: a corner beyond the horizon, or a projected quadrilateral that is not convex."""
     x, y, w, h_ = box
     square = np.array([[x, y], [x + w, y], [x + w, y + h_], [x, y + h_]], np.float64)
     depth = np.concatenate([square, np.ones((4, 1))], 1) @ h[2]
@@ -516,15 +516,28 @@ def projected_box(h: np.ndarray, box: np.ndarray, width: int, height: int) -> np
     cross = edges[:, 0] * np.roll(edges, -1, 0)[:, 1] - edges[:, 1] * np.roll(edges, -1, 0)[:, 0]
     if not ((cross > 0).all() or (cross < 0).all()):
         return None
+    return corners
+
+
+def outline_box(corners: np.ndarray, width: int, height: int) -> np.ndarray | None:
+    """The axis-aligned box around an outline, clipped to the image; None when no area is left."""
     lo, hi = corners.min(0), corners.max(0)
     clipped = clip_box(np.array([lo[0], lo[1], hi[0] - lo[0], hi[1] - lo[1]]), width, height)
     return clipped if clipped[2] >= 1 and clipped[3] >= 1 else None
+
+
+def projected_box(h: np.ndarray, box: np.ndarray, width: int, height: int) -> np.ndarray | None:
+    """The box's corners through ``h``, boxed and clipped to the image; None for a degenerate fit
+    (see :func:`projected_outline`) or no area left."""
+    corners = projected_outline(h, box)
+    return None if corners is None else outline_box(corners, width, height)
 
 
 @dataclass
 class Verdict:
     inliers: int
     box: np.ndarray | None  # the query box projected into the candidate, when verified and sane
+    outline: np.ndarray | None = None  # its four projected corners (4, 2), the object's outline in the candidate
 
 
 def verify_pair(query: dict, query_box: np.ndarray, candidate: dict, size: tuple[int, int], cfg: DictConfig) -> Verdict:
@@ -545,7 +558,9 @@ def verify_pair(query: dict, query_box: np.ndarray, candidate: dict, size: tuple
     hom, inliers = ransac(src, dst, threshold, int(cfg.ransac_max_iterations), int(cfg.min_inliers))
     if hom is None or inliers < int(cfg.min_inliers):
         return Verdict(inliers, None)
-    return Verdict(inliers, projected_box(hom, query_box, *size))
+    corners = projected_outline(hom, query_box)
+    box = None if corners is None else outline_box(corners, *size)
+    return Verdict(inliers, box, None if box is None else corners)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -555,6 +570,7 @@ class RerankResult:
     hits: ImageHits  # re-ordered within the top N, scores blended, ``boxes`` filled
     timing: dict     # per-query milliseconds of each stage, and what was computed
     inliers: np.ndarray | None = None  # (nq, k) inliers of verified-stage candidates (-1: not verified)
+    outlines: np.ndarray | None = None  # (nq, k, 4, 2) verified candidates' projected query-box corners (NaN: none)
 
 
 def _query_box(record: ImageRecord, size: tuple[int, int]) -> np.ndarray:
@@ -609,17 +625,17 @@ def rerank(cfg: DictConfig, *, queries: Sequence[ImageRecord], gallery: Sequence
         timing["refine_windows_encoded"] = encoded
         logger.info(f"rerank refine: top {n} of {nq:,} queries in {seconds:.1f} s ({1000 * seconds / nq:.0f} ms/query, "
                     f"{encoded:,} windows encoded, the rest from cache)")
-    inliers = None
+    inliers = outlines = None
     if stage in ("verify", "both"):
         started = time.perf_counter()
-        inliers, described = _verify(cfg.verify, out, n, queries, gallery, size_of, features_root)
+        inliers, outlines, described = _verify(cfg.verify, out, n, queries, gallery, size_of, features_root)
         seconds = time.perf_counter() - started
         timing["verify_ms_per_query"] = round(1000 * seconds / nq, 1)
         timing["verify_images_described"] = described
         verified = int((inliers >= int(cfg.verify.min_inliers)).sum())
         logger.info(f"rerank verify: top {n} of {nq:,} queries in {seconds:.1f} s ({1000 * seconds / nq:.0f} ms/query, "
                     f"{described:,} images described, {verified:,} of {int((inliers >= 0).sum()):,} candidates verified)")
-    return RerankResult(out, timing, inliers)
+    return RerankResult(out, timing, inliers, outlines)
 
 
 def _refine(cfg: DictConfig, hits: ImageHits, n: int, queries, gallery, size_of, patch_boxes, patch_vectors,
@@ -668,12 +684,14 @@ def _refine(cfg: DictConfig, hits: ImageHits, n: int, queries, gallery, size_of,
     return encoder.encoded
 
 
-def _verify(cfg: DictConfig, hits: ImageHits, n: int, queries, gallery, size_of, features_root: Path) -> tuple[np.ndarray, int]:
-    """Verify the top ``n`` in place (scores, order, boxes); returns (inliers (nq, k), -1 where not
-    checked) and the number of images whose local features were computed."""
+def _verify(cfg: DictConfig, hits: ImageHits, n: int, queries, gallery, size_of,
+            features_root: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    """Verify the top ``n`` in place (scores, order, boxes); returns inliers (nq, k) (-1 where not checked),
+    outlines (nq, k, 4, 2) (NaN where none) and the number of images whose local features were computed."""
     local = LocalFeatures(features_root, int(cfg.top_k), int(cfg.max_side), EXTRACTOR_OF[str(cfg.matcher)])
     nq, k = hits.images.shape
     inliers = np.full((nq, k), -1, np.int64)
+    outlines = np.full((nq, k, 4, 2), np.nan)
     needed = sorted({int(i) for i in hits.images[:, :n].ravel() if i >= 0})
     by_index = dict(zip(needed, local.get([gallery[i] for i in needed])))
     query_feats = local.get(list(queries))
@@ -689,8 +707,8 @@ def _verify(cfg: DictConfig, hits: ImageHits, n: int, queries, gallery, size_of,
             if verdict.inliers >= min_inliers:
                 hits.scores[row, col] += weight * min(verdict.inliers, saturate) / saturate
                 if verdict.box is not None:
-                    hits.boxes[row, col] = verdict.box
+                    hits.boxes[row, col], outlines[row, col] = verdict.box, verdict.outline
         head = np.argsort(-hits.scores[row, :n], kind="stable")
-        for array in (hits.images, hits.scores, hits.patches, hits.boxes, inliers):
+        for array in (hits.images, hits.scores, hits.patches, hits.boxes, inliers, outlines):
             array[row, :n] = array[row, :n][head]
-    return inliers, local.described
+    return inliers, outlines, local.described

@@ -40,6 +40,7 @@ Colour = tuple[int, int, int]
 
 PRED_COLOUR: Colour = (255, 140, 0)     # predicted box (orange)
 GT_COLOUR: Colour = (0, 200, 80)        # ground-truth box (green)
+OUTLINE_COLOUR: Colour = (220, 0, 200)  # verified object outline: the query box through the homography (magenta)
 HIT_COLOUR: Colour = (30, 170, 60)      # frame: a positive of the query's instance
 MISS_COLOUR: Colour = (215, 40, 40)     # frame: not a positive
 UNKNOWN_COLOUR: Colour = (150, 150, 150)  # frame: unlabelled (user search)
@@ -174,10 +175,24 @@ def _has_boxes(boxes) -> bool:
     return boxes is not None and np.size(boxes) > 0
 
 
+def draw_outline(image: Image.Image, corners: np.ndarray | Sequence, colour: Colour,
+                 width: int | None = None) -> Image.Image:
+    """Copy of ``image`` with the closed polygon ``corners`` ((n, 2) pixels) drawn in ``colour``; PIL clips what
+    lies outside. Non-finite corners draw nothing."""
+    out = image.copy()
+    points = np.asarray(corners, dtype=np.float64).reshape(-1, 2)
+    if len(points) < 3 or not np.isfinite(points).all():
+        return out
+    width = line_width(out.size) if width is None else max(1, int(width))
+    ImageDraw.Draw(out).line([tuple(p) for p in points] + [tuple(points[0])], fill=colour, width=width, joint="curve")
+    return out
+
+
 def _thumbnail(
-    record: ImageRecord, side: int, pred=None, gt=None, cache: _ThumbCache | None = None
+    record: ImageRecord, side: int, pred=None, gt=None, cache: _ThumbCache | None = None, outline=None
 ) -> tuple[Image.Image, bool]:
-    """(thumbnail with gt (green) then predicted (orange) boxes, readable?)."""
+    """(thumbnail with gt (green) then predicted (orange) boxes, readable?). ``outline``: a verified object's
+    projected corners, drawn over its box (thin orange box, thick outline)."""
     loaded = (cache or _ThumbCache(1)).get(record.path, side)
     if loaded is None:
         return _placeholder(side), False
@@ -185,7 +200,9 @@ def _thumbnail(
     if _has_boxes(gt):
         image = draw_boxes(image, _scale_boxes(gt, sx, sy), GT_COLOUR)
     if _has_boxes(pred):
-        image = draw_boxes(image, _scale_boxes(pred, sx, sy), PRED_COLOUR)
+        image = draw_boxes(image, _scale_boxes(pred, sx, sy), PRED_COLOUR, width=1 if outline is not None else None)
+    if outline is not None:
+        image = draw_outline(image, np.asarray(outline, np.float64).reshape(-1, 2) * np.array([sx, sy]), OUTLINE_COLOUR)
     return image, True
 
 
@@ -282,7 +299,8 @@ def result_strip(
     left = gap + lay["tile_w"] + 3 * gap
     for rank, result in enumerate(results, start=1):
         record: ImageRecord = result["record"]
-        image, _ = _thumbnail(record, thumb, pred=result.get("box"), gt=result.get("gt_boxes"), cache=cache)
+        image, _ = _thumbnail(record, thumb, pred=result.get("box"), gt=result.get("gt_boxes"), cache=cache,
+                              outline=result.get("outline"))
         _tile(canvas, left, gap, image, _frame_colour(result.get("relevant")),
               [_caption(rank, result), record.id], lay, font)
         left += lay["tile_w"] + gap
@@ -440,6 +458,7 @@ def _legend() -> str:
     return ('<div class="legend"><strong>Legend:</strong> '
             + line(PRED_COLOUR, "predicted box")
             + line(GT_COLOUR, "ground-truth box")
+            + line(OUTLINE_COLOUR, "verified outline")
             + frame(QUERY_COLOUR, "query")
             + frame(HIT_COLOUR, "hit (positive)")
             + frame(MISS_COLOUR, "miss (not a positive)")

@@ -156,19 +156,23 @@ class BundleCandidates:
                      batch_size=int(self.cfg.extract.batch_size))
         result = ImageHits(hits.images.copy(), hits.scores.copy(), hits.patches.copy(), boxes)
         inliers = np.full((nq, k), -1, np.int64)
+        outlines = np.full((nq, k, 4, 2), np.nan)
+        no_outline = outlines[0, 0]
         images_array = np.asarray(images, np.int64)
         for q in range(nq):
             done = np.flatnonzero(out.hits.images[q] >= 0)
             entries = [(float(out.hits.scores[q, c]), int(images_array[out.hits.images[q, c]]),
                         int(sub_rows[out.hits.patches[q, c]]), out.hits.boxes[q, c],
-                        -1 if out.inliers is None else int(out.inliers[q, c])) for c in done]
-            entries += [(float(hits.scores[q, c]), int(head[q, c]), int(hits.patches[q, c]), boxes[q, c], -1)
-                        for c in aside[q]]
+                        -1 if out.inliers is None else int(out.inliers[q, c]),
+                        no_outline if out.outlines is None else out.outlines[q, c]) for c in done]
+            entries += [(float(hits.scores[q, c]), int(head[q, c]), int(hits.patches[q, c]), boxes[q, c], -1,
+                         no_outline) for c in aside[q]]
             entries.sort(key=lambda e: -e[0])  # stable: re-ranked first among equal scores
-            for c, (score, image, patch, box, count) in enumerate(entries):
+            for c, (score, image, patch, box, count, outline) in enumerate(entries):
                 result.images[q, c], result.scores[q, c], result.patches[q, c] = image, score, patch
-                result.boxes[q, c], inliers[q, c] = box, count
-        return RerankResult(result, out.timing, inliers if out.inliers is not None else None)
+                result.boxes[q, c], inliers[q, c], outlines[q, c] = box, count, outline
+        verified = out.inliers is not None
+        return RerankResult(result, out.timing, inliers if verified else None, outlines if verified else None)
 
 
 def run_search(cfg: DictConfig, report: RunReport) -> dict:
@@ -229,7 +233,8 @@ def run_search(cfg: DictConfig, report: RunReport) -> dict:
             strip = result_strip(record, [{"record": ImageRecord(id=h["id"], path=Path(h["path"])), "score": h["score"],
                                            "box": tuple(h["box"]), "relevant": None, "gt_boxes": None,
                                            **({"inliers": h["inliers"], "verified": h["verified"]}
-                                              if "verified" in h else {})}
+                                              if "verified" in h else {}),
+                                           **({"outline": h["outline"]} if "outline" in h else {})}
                                           for h in output[-1]["results"]])
             picture = report.dir / f"search_{len(output):03d}_{record.path.stem}.jpg"
             strip.save(picture, quality=90)
@@ -259,6 +264,8 @@ def _query_output(record: ImageRecord, final: RerankResult, q: int, shown: int, 
                "score": round(float(hits.scores[q, col]), 4), "box": [round(float(v), 1) for v in box]}
         if final.inliers is not None and final.inliers[q, col] >= 0:
             hit.update(inliers=int(final.inliers[q, col]), verified=bool(final.inliers[q, col] >= min_inliers))
+        if final.outlines is not None and np.isfinite(final.outlines[q, col]).all():  # where the object lies
+            hit["outline"] = [[round(float(x), 1), round(float(y), 1)] for x, y in final.outlines[q, col]]
         top.append(hit)
     gone = [hit for hit in top if not os.path.exists(hit["path"])]
     for hit in gone:  # indexed, then deleted or moved: still a result, said so
