@@ -176,6 +176,39 @@ def test_ivf_missing_patches_return_what_exists(warnings_log):
     assert len(warnings_log) == 1 and "nprobe < nlist" in warnings_log[0]
 
 
+def test_widening_stops_once_the_probed_lists_are_exhausted(warnings_log):
+    """When FAISS pads with -1, every patch the probed lists hold was returned: asking for more cannot
+    reach more images, so the search stops there instead of doubling up to the whole index."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((4000, 8)).astype(np.float32)
+    ivf = faiss.index_factory(8, "IVF16,Flat", faiss.METRIC_INNER_PRODUCT)
+    ivf.train(x)
+    ivf.add(x)
+    ivf.nprobe = 1  # about 250 of 4,000 patches reachable per query
+    spy = Spy(ivf)
+    patch_image = np.arange(4000, dtype=np.int64) // 4  # 1,000 images
+    hits = search_images(spy, x[:3], patch_image, k=300)  # asks 1,200 patches: more than one list holds
+    assert spy.calls == [(3, 1200)]  # one search, no widening to 2,400, then 4,000
+    full = search_images(ivf, x[:3], patch_image, k=1000)  # same images as asking for everything
+    for row in range(3):
+        found = hits.images[row][hits.images[row] >= 0]
+        assert 0 < len(found) < 300 and found.tolist() == full.images[row][: len(found)].tolist()
+    assert len(warnings_log) == 2 and all("every patch the index reaches" in w for w in warnings_log)
+
+
+def test_tie_order_equals_lexsort_by_score_then_id():
+    rng = np.random.default_rng(5)
+    values = np.array([-np.inf, -1.5, -1e-30, 0.0, 1e-30, 0.25, 0.7, np.nextafter(np.float32(0.7), 1), 3.0],
+                      np.float32)
+    for _ in range(200):
+        ids = rng.integers(-1, 1 << 31, (3, int(rng.integers(1, 40))))
+        s = np.where(ids >= 0, rng.choice(values, ids.shape), -np.inf).astype(np.float32)
+        got = search_mod._score_then_id_order(s, ids)
+        ref = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max), -s), axis=1)
+        np.testing.assert_array_equal(np.take_along_axis(s, got, 1), np.take_along_axis(s, ref, 1))
+        np.testing.assert_array_equal(np.take_along_axis(ids, got, 1), np.take_along_axis(ids, ref, 1))
+
+
 def test_gpu_index_above_2048_patches_searches_a_cpu_copy(monkeypatch):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((3000, 8)).astype(np.float32)
