@@ -179,7 +179,10 @@ def test_index_config_with_each_model(name):
 @pytest.mark.parametrize("name", DATASETS)
 def test_dataset_config_composes(name):
     cfg = _compose(f"dataset={name}")
-    assert cfg.dataset.kind in ("ilias", "folder")
+    assert cfg.dataset.kind in ("ilias", "folder", "revisited", "instre")
+    if cfg.dataset.kind in ("revisited", "instre"):  # a benchmark's ground-truth file pins queries and gallery
+        assert cfg.dataset.gnd_file and cfg.eval.k == 0 and cfg.query.crop_to_bbox is True
+        return
     assert cfg.dataset.split == "test" and cfg.dataset.pin_manifest is False
     if cfg.dataset.kind == "ilias":
         assert cfg.dataset.core_dir == "ilias_core"

@@ -56,7 +56,7 @@ INVALID = [
     (["extract.device=gpu"], ConfigError, "extract.device=gpu: must be auto, cpu, cuda or cuda:N"),
     (["extract.precision=fp8"], ConfigError, "extract.precision=fp8: must be one of auto, fp32, fp16"),
     (["query.top_k=0"], ConfigError, "query.top_k=0: must be an integer >= 1"),
-    (["eval.k=0"], ConfigError, "eval.k=0: must be an integer >= 1"),
+    (["eval.k=-1"], ConfigError, "eval.k=-1: must be an integer >= 1, or 0 for the whole gallery"),
     (["--iou_threshold", "banana"], ConfigError, "eval.iou_threshold=banana: must be default, average or a number in (0, 1]"),
     (["eval.iou_threshold=0"], ConfigError, "eval.iou_threshold=0: must be default, average or a number in (0, 1]"),
     (["--compute_metrics", "mAP, bogus"], ConfigError,
@@ -259,7 +259,8 @@ def test_cli_quotes_a_home_path_for_hydra():
 
 def test_path_settings_are_the_ones_users_pass():
     assert sorted(path_keys()) == sorted(["paths.home", "paths.features", "paths.indices", "paths.logs", "dataset.root",
-                                          "dataset.distractors", "model.checkpoint", "query.path"])
+                                          "dataset.distractors", "model.checkpoint", "query.path",
+                                          "extract.import_features", "extract.export_features"])
 
 
 def test_tilde_is_expanded_in_every_path_setting(monkeypatch, tmp_path):

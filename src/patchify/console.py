@@ -44,9 +44,26 @@ def metrics_table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def protocol_table(metrics: dict) -> str:
+    """A benchmark protocol's metrics (revisited: one row per setup Easy / Medium / Hard; INSTRE: one row)."""
+    protocol = metrics["protocol"]
+    setups = metrics[protocol] if protocol == "revisited" else {protocol: metrics[protocol]}
+    columns = ["mAP", "mP@1", "mP@5", "mP@10"]
+    lines = [f"{protocol + ' protocol':<40}" + "".join(f"{c:>14}" for c in columns)]
+    for name, values in setups.items():
+        lines.append(f"{name:<40}" + "".join(f"{values[c]:>14.2f}" if isinstance(values.get(c), (int, float))
+                                             else f"{'-':>14}" for c in columns))
+    return "\n".join(lines)
+
+
 def print_summary(cfg: DictConfig, summary: dict, run_dir: Path) -> None:
     if cfg.task == "eval":
         print(metrics_table([(cfg.run_name, summary)]))
-        print(f"LocScore = mean over IoU thresholds {summary.get('iou_thresholds')}; run folder: {run_dir}")
+        why = (summary.get("not_available") or {}).get("LocScore")
+        thresholds = summary.get("iou_thresholds")
+        locscore = f"no LocScore: {why}" if why else f"LocScore = mean over IoU thresholds {thresholds}"
+        print(f"{locscore}; run folder: {run_dir}")
+        if summary.get("protocol"):
+            print(protocol_table(summary))
     else:
         logger.info(f"{cfg.task} done: {summary}")

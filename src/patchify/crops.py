@@ -24,6 +24,7 @@ fixed-point rounding: crops differ from PIL's by at most 2 levels of 8 bits at ~
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +38,7 @@ from PIL import Image
 
 from .data import load_image
 from .model import LoadedModel, ModelConfigError
+from .tar_images import read_image_bytes
 
 CROP_METHODS = ("pil", "tensor")
 
@@ -76,8 +78,9 @@ def with_crops(model: LoadedModel, crops: str) -> LoadedModel:
 # ----------------------------------------------------------------------------- decoding
 
 def decode_rgb(path: Path) -> torch.Tensor:
-    """(3, H, W) uint8 RGB of an image file, EXIF orientation applied: ``np.asarray(load_image(path))``
-    transposed, from torchvision's decoders where they give exactly that; DataError as load_image."""
+    """(3, H, W) uint8 RGB of an image file or tar member (src/patchify/tar_images.py), EXIF orientation
+    applied: ``np.asarray(load_image(path))`` transposed, from torchvision's decoders (given the bytes)
+    where they give exactly that; DataError as load_image."""
     try:
         image = _decode_fast(Path(path))
     except Exception:  # anything torchvision or the header reader refuses: PIL decides, and words the error
@@ -92,9 +95,9 @@ def _decode_fast(path: Path) -> torch.Tensor | None:
     load_image; None when PIL must decode it."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as header:  # reads the header only
+        data = read_image_bytes(path)  # a file's or a tar member's bytes
+        with Image.open(io.BytesIO(data)) as header:  # parses the header only
             fmt, mode, info = header.format, header.mode, header.info
-            data = path.read_bytes()
             if fmt in ("JPEG", "MPO"):
                 if mode not in ("RGB", "L") and not (mode == "CMYK" and "adobe" in info):
                     return None

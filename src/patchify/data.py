@@ -3,8 +3,9 @@
 This module knows files and boxes, never features. Every image is an
 ``ImageRecord`` whose ``id`` is its path relative to the dataset's image root
 (``ilias_core/`` for ILIAS, so an id's first component is its instance, as in
-ILIAS's own similarity files). Boxes are ``(x, y, w, h)`` in original pixels,
-top-left origin.
+ILIAS's own similarity files). Distractors in WebDataset tar shards are ``"<shard file name>/<key>"``,
+ILIAS's ids for them, with the path ``<shard>/<member>`` (src/patchify/tar_images.py). Boxes are
+``(x, y, w, h)`` in original pixels, top-left origin.
 
 Manifest schema (``query.json`` / ``gallery.json``; an eval writes the ones it scanned into its
 run folder, never into the dataset; ``dataset.pin_manifest=true`` reads them from ``dataset.root``)::
@@ -24,10 +25,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import IO, Any, Iterable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -37,6 +39,7 @@ from omegaconf import DictConfig
 
 from .cache import atomic_write_text
 from .settings import ConfigError
+from .tar_images import TAR_SUFFIX, image_exists, image_file_size, image_source, samples
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 MANIFEST_VERSION = 1
@@ -44,6 +47,28 @@ MANIFEST_VERSION = 1
 
 class DataError(ValueError):
     """Bad input data; the message is one line that names the file."""
+
+
+class _DataOnly(pickle.Unpickler):
+    """Unpickles Python containers, strings, numbers and NumPy arrays, nothing else: a dataset or similarity
+    file is data, and ``pickle`` would otherwise run whatever a file names."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "set"), ("builtins", "frozenset"),
+               ("_codecs", "encode"),  # protocol 2's bytes
+               *((f"numpy.{core}.{module}", name) for core in ("core", "_core")
+                 for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"),
+                                      ("numeric", "_frombuffer")))}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refers to {module}.{name} (a data file holds only containers and NumPy arrays)")
+
+
+def load_data_pickle(stream: IO[bytes], encoding: str = "ASCII") -> Any:
+    """The content of a pickled data file (ground truth, similarities), refusing anything but data.
+    ``encoding="latin1"`` reads Python 2 pickles (revisitop's ground truth)."""
+    return _DataOnly(stream, encoding=encoding).load()
 
 
 @dataclass(frozen=True)
@@ -69,19 +94,58 @@ class ImageRecord:
         return max(w * h for _, _, w, h in self.boxes) / float(self.width * self.height)
 
 
+@dataclass(frozen=True)
+class QueryTruth:
+    """One query's ground truth where a benchmark lists it per query (revisited Oxford/Paris, INSTRE):
+    gallery ids of its easy and hard positives and of its junk (taken out of the ranking when scored), and
+    the ground-truth boxes (x, y, w, h) of each positive that has some."""
+
+    easy: frozenset[str]
+    hard: frozenset[str] = frozenset()
+    junk: frozenset[str] = frozenset()
+    boxes: dict[str, tuple[tuple[float, float, float, float], ...]] = field(default_factory=dict)
+
+    @property
+    def positives(self) -> frozenset[str]:
+        return self.easy | self.hard
+
+    def lists(self) -> dict[str, frozenset[str]]:
+        return {"easy": self.easy, "hard": self.hard, "junk": self.junk}
+
+
 @dataclass
 class Dataset:
-    """Queries and gallery of one evaluation (or a bare gallery)."""
+    """Queries and gallery of one evaluation (or a bare gallery).
+
+    ``protocol``: None when a query's positives are the gallery images of its instance (ILIAS, folders);
+    ``"revisited"`` or ``"instre"`` when ``truth`` lists them per query id (src/patchify/datasets/benchmarks.py).
+    ``no_boxes``: why LocScore cannot be computed (the benchmark's database has no boxes), else None.
+    """
 
     name: str
     root: Path
     queries: list[ImageRecord] = field(default_factory=list)
     gallery: list[ImageRecord] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    protocol: str | None = None
+    truth: dict[str, QueryTruth] = field(default_factory=dict)
+    no_boxes: str | None = None
 
     def positives_of(self, instance: str | None) -> dict[str, np.ndarray]:
         """Gallery ids showing ``instance`` -> their ground-truth boxes."""
         return {r.id: r.boxes_array for r in self.gallery if instance and r.instance == instance}
+
+    def positives_for(self, query: ImageRecord) -> dict[str, np.ndarray]:
+        """Gallery ids that are positives of ``query`` -> their ground-truth boxes ((0, 4) when none); a
+        benchmark's per-query truth (Medium's positives: easy and hard) or the query's instance."""
+        if self.protocol is None:
+            return self.positives_of(query.instance)
+        truth = self.truth[query.id]
+        return {i: np.asarray(truth.boxes.get(i, ()), dtype=np.float64).reshape(-1, 4) for i in sorted(truth.positives)}
+
+    def junk_for(self, query: ImageRecord) -> frozenset[str]:
+        """Gallery ids taken out of ``query``'s ranking before scoring (a benchmark's junk; none for ILIAS)."""
+        return self.truth[query.id].junk if self.protocol is not None else frozenset()
 
 
 # ----------------------------------------------------------------------------- images
@@ -92,16 +156,17 @@ Image.MAX_IMAGE_PIXELS = 178_956_970  # PIL's own default, stated explicitly
 def load_image(path: Path) -> Image.Image:
     """Open an image as RGB with EXIF orientation applied; DataError on any failure.
 
+    ``path`` is a file or a member of a tar shard (``<shard>.tar/<member>``, src/patchify/tar_images.py).
     Grayscale, palette, CMYK, 16-bit and alpha images are converted (alpha
     composited on white).
     """
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
+        if image_file_size(path) == 0:
             raise DataError(f"{path}: empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with image_source(path) as source, Image.open(source) as image:
                 image = ImageOps.exif_transpose(image)
                 image.load()
     except DataError:
@@ -130,9 +195,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) after EXIF orientation, read from the header only."""
+    """(width, height) after EXIF orientation, read from the header only (of a file or a tar member)."""
     try:
-        with Image.open(path) as image:
+        with image_source(path) as source, Image.open(source) as image:
             width, height = image.size
             orientation = image.getexif().get(0x0112, 1)
     except Exception as err:
@@ -181,8 +246,9 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def image_files(root: Path) -> list[Path]:
-    """Every file under ``root`` whose name ends in an image extension, sorted; the one folder walker.
+def image_files(root: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[Path]:
+    """Every file under ``root`` whose name ends in an image extension (or one of ``extensions``), sorted;
+    the one folder walker.
 
     Walks with ``os.walk(followlinks=False)``: a symlinked folder is not entered (so a symlink loop
     cannot hang or repeat the scan, and nothing outside the tree is pulled in), a symlinked file is
@@ -195,7 +261,7 @@ def image_files(root: Path) -> list[Path]:
     for folder, folders, files in os.walk(root, followlinks=False):
         folders[:] = [name for name in folders if not name.startswith(".")]
         found.extend(Path(folder) / name for name in files
-                     if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS)
+                     if not name.startswith(".") and Path(name).suffix.lower() in extensions)
     return sorted(found)
 
 
@@ -217,8 +283,11 @@ def read_ilias_layout(
     """Read ILIAS's native layout: ``<root>/<core_dir>/<instance>/{query,pos}/*``.
 
     ``distractors`` (a folder, relative to ``root`` or absolute) adds its
-    images to the gallery unlabelled; their ids are ``"<folder name>/..."``. An unreadable
-    distractor is skipped and listed; an unreadable query or positive is an error (it is ground truth).
+    images to the gallery unlabelled; their ids are ``"<folder name>/..."``. WebDataset shards
+    (``*.tar``) in that folder (or the folder itself being one shard) add the image of each of their
+    samples, read in place, with ILIAS's id ``"<shard file name>/<key>"`` (src/patchify/tar_images.py).
+    An unreadable distractor (file, member or whole shard) is skipped and listed; an unreadable query
+    or positive is an error (it is ground truth).
     """
     root = Path(root)
     core = root / core_dir
@@ -236,16 +305,44 @@ def read_ilias_layout(
                     target.append(_record(path, core, folder.name, with_boxes=True))
     if distractors:
         folder = Path(distractors) if Path(distractors).is_absolute() else root / distractors
-        if not folder.is_dir():
+        one_shard = folder.is_file() and folder.name.lower().endswith(TAR_SUFFIX)
+        if not folder.is_dir() and not one_shard:
             raise DataError(f"{folder}: distractor folder not found")
-        for path in image_files(folder):  # one unreadable distractor among millions is skipped and listed
+        for path in [] if one_shard else image_files(folder):  # one unreadable distractor among millions is skipped and listed
             try:
                 dataset.gallery.append(_record(path, folder.parent, None, with_boxes=False))
             except DataError as err:
                 dataset.skipped.append(str(err))
+        shards = [folder] if one_shard else image_files(folder, (TAR_SUFFIX,))
+        named: dict[str, Path] = {}
+        for shard in shards:
+            if shard.name in named:  # ids carry the shard's file name only (as ILIAS's): two would collide
+                raise DataError(f"{shard}: a shard of the same name was read from {named[shard.name]} (distractor ids "
+                                f"are '<shard file name>/<key>'); rename one")
+            named[shard.name] = shard
+            _read_shard(shard, dataset)
     if not dataset.queries:
         raise DataError(f"{core}: no query images found under <instance>/query/")
     return dataset
+
+
+def _read_shard(shard: Path, dataset: Dataset) -> None:
+    """Add the image of every sample of a WebDataset shard to ``dataset.gallery`` as an unlabelled record
+    ``"<shard file name>/<key>"`` (ILIAS's distractor id); unreadable members and shards go to ``skipped``."""
+    try:
+        found, problems = samples(shard, [e.lstrip(".") for e in IMAGE_EXTENSIONS])
+    except OSError as err:  # TarMemberError included: not an uncompressed tar
+        dataset.skipped.append(f"{shard}: unreadable shard ({type(err).__name__}: {err})")
+        return
+    dataset.skipped.extend(problems)
+    for sample in found:
+        path = shard / sample.member
+        try:
+            width, height = image_size(path)
+        except DataError as err:
+            dataset.skipped.append(str(err))
+            continue
+        dataset.gallery.append(ImageRecord(id=f"{shard.name}/{sample.key}", path=path, width=width, height=height))
 
 
 def read_folder(root: Path) -> Dataset:
@@ -267,6 +364,12 @@ def read_folder(root: Path) -> Dataset:
 def annotation_gaps(dataset: Dataset) -> dict[str, list[str]]:
     """Ground truth that changes scores without an error: ids of positives without a box (LocScore can
     never localise them) and of queries whose instance has no positive in the gallery (AP 0, counted)."""
+    if dataset.protocol is not None:  # a benchmark's per-query truth
+        truths = [dataset.truth[q.id] for q in dataset.queries]
+        boxed = {i for t in truths for i in t.boxes}
+        positives = sorted({i for t in truths for i in t.positives})
+        return {"positives_without_boxes": [] if dataset.no_boxes else [i for i in positives if i not in boxed],
+                "queries_without_positives": [q.id for q, t in zip(dataset.queries, truths) if not t.positives]}
     labelled = {r.instance for r in dataset.gallery if r.instance is not None}
     return {"positives_without_boxes": [r.id for r in dataset.gallery if r.instance is not None and not r.boxes],
             "queries_without_positives": [q.id for q in dataset.queries if q.instance not in labelled]}
@@ -310,7 +413,7 @@ def read_manifest(path: Path, root: Path) -> list[ImageRecord]:
         raise DataError(f"{path}: not a valid manifest ({type(err).__name__}: {err})") from None
     if content.get("version") != MANIFEST_VERSION:
         raise DataError(f"{path}: manifest version {content.get('version')} (expected {MANIFEST_VERSION})")
-    missing = [r.path for r in records if not r.path.exists()]
+    missing = [r.path for r in records if not image_exists(r.path)]
     if missing:
         raise DataError(f"{path}: {len(missing)} listed images are missing, first: {missing[0]}")
     return records
@@ -319,7 +422,8 @@ def read_manifest(path: Path, root: Path) -> list[ImageRecord]:
 # ----------------------------------------------------------------------------- a run's dataset
 
 def load_dataset(cfg: DictConfig, manifests: Path | None = None) -> Dataset:
-    """The dataset of ``cfg.dataset``: ILIAS layout (generated first for mini-ILIAS) or a folder.
+    """The dataset of ``cfg.dataset``: ILIAS layout (generated first for mini-ILIAS), a folder, or a benchmark
+    read from its ground-truth file (revisited Oxford/Paris, INSTRE: src/patchify/datasets/benchmarks.py).
 
     Nothing is written into the dataset folder (it may be a read-only mount): a scanned ILIAS layout's
     manifests go to ``manifests`` (the run folder) when given; pinned ones are read from ``root``.
@@ -327,8 +431,18 @@ def load_dataset(cfg: DictConfig, manifests: Path | None = None) -> Dataset:
     root = Path(cfg.root)
     if cfg.kind == "folder":
         return read_folder(root)
+    if cfg.kind in ("revisited", "instre"):  # a benchmark's own ground-truth file: src/patchify/datasets/benchmarks.py
+        from .datasets.benchmarks import read_benchmark
+
+        dataset = read_benchmark(cfg)
+        for line in dataset.skipped:
+            logger.warning(f"skipped distractor {line}")
+        warn_annotation_gaps(annotation_gaps(dataset))
+        logger.info(f"dataset {cfg.name} ({cfg.kind} protocol): {len(dataset.queries):,} queries, "
+                    f"{len(dataset.gallery):,} gallery images")
+        return dataset
     if cfg.kind != "ilias":
-        raise ConfigError(f"dataset.kind must be 'ilias' or 'folder', got {cfg.kind!r}")
+        raise ConfigError(f"dataset.kind must be 'ilias', 'folder', 'revisited' or 'instre', got {cfg.kind!r}")
     # a root that holds a generated set is checked too: its GENERATED.json must match (else a one-line error,
     # never a silent reuse); a hand-made ILIAS layout (no GENERATED.json) is read as it is
     if cfg.get("generate") and (not (root / cfg.core_dir).is_dir() or (root / "GENERATED.json").is_file()):

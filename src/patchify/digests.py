@@ -25,21 +25,27 @@ from typing import Iterable, Sequence
 from loguru import logger
 
 from .cache import atomic_write_text, content_key, sweep_temporaries
+from .tar_images import image_identity, open_image_file
 
 DIGEST_SIZE = 16  # bytes: 128-bit BLAKE2b, 32 hex characters
 
 
 def file_digest(path: Path, block: int = 1 << 20) -> str:
-    """Hex BLAKE2b-128 of the file's bytes (OSError if it cannot be read)."""
+    """Hex BLAKE2b-128 of the file's (or tar member's, src/patchify/tar_images.py) bytes (OSError if it
+    cannot be read)."""
     digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
-    with open(path, "rb") as handle:
+    with open_image_file(path) as handle:
         while chunk := handle.read(block):
             digest.update(chunk)
     return digest.hexdigest()
 
 
 def stat_identity(path: Path) -> str:
-    """What changes whenever a file's bytes may have changed: size, mtime, ctime, inode, device."""
+    """What changes whenever a file's bytes may have changed: size, mtime, ctime, inode, device; for a
+    member of a tar shard, its shard's, plus the member's offset and size (a rewritten shard is hashed again)."""
+    member = image_identity(path)
+    if member is not None:
+        return member
     stat = os.stat(path)
     return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}:{stat.st_dev}"
 

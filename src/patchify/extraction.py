@@ -46,7 +46,7 @@ from .cache import CacheError, check_writable, content_key, load_arrays, open_ca
 from .crops import TensorCrops, crop_method, crop_region, decode_rgb
 from .data import DataError, ImageRecord, load_image
 from .digests import DEFAULT_KEYS, ImageKeys
-from .model import LoadedModel, encode
+from .model import LoadedModel, LongSideTransform, encode
 from .pool_cells import describe_cells
 from .pyramid import grid_edges, level_boxes
 
@@ -290,29 +290,96 @@ def _array_problem(offsets: np.ndarray, vectors: np.ndarray, boxes: np.ndarray, 
 
 # ----------------------------------------------------------------------------- crop-mode extraction
 
+ShapeGroups = list[tuple[torch.Tensor, torch.Tensor]]  # (positions (k,), crops (k, 3, h, w)) per crop shape
+
+
+def shape_groups(crops: Sequence[torch.Tensor]) -> ShapeGroups:
+    """Crops of several shapes as one stacked tensor per shape, with each crop's position in ``crops``."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for position, crop in enumerate(crops):
+        by_shape.setdefault(tuple(crop.shape), []).append(position)
+    return [(torch.tensor(positions, dtype=torch.long), torch.stack([crops[i] for i in positions]))
+            for positions in by_shape.values()]
+
+
 class PatchTransform:
     """timm's eval transform of a model (squash resize, to tensor, normalise) for many crops
     of one image at once: each crop is resized by PIL exactly as timm's ``Resize`` does, and
     the conversion and normalisation run once on the stacked crops (same arithmetic, so the
-    same numbers as ``model.transform`` crop by crop; tests/test_extraction_speed.py)."""
+    same numbers as ``model.transform`` crop by crop; tests/test_extraction_speed.py).
+    Under ``model.resize=long_side`` each crop gets ``LongSideTransform`` (src/patchify/model.py)
+    and the crops come grouped by shape (``ShapeGroups``)."""
 
     RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
                 "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
 
     def __init__(self, data_config: dict) -> None:
-        if data_config.get("crop_mode") != "squash" or float(data_config.get("crop_pct", 1.0)) != 1.0:
-            raise ValueError("PatchTransform reproduces the squash resize (crop_pct 1) only")
+        mode = data_config.get("crop_mode")
+        if mode not in ("squash", "long_side") or float(data_config.get("crop_pct", 1.0)) != 1.0:
+            raise ValueError("PatchTransform reproduces the squash or long_side resize (crop_pct 1) only")
+        self.long_side = LongSideTransform(data_config) if mode == "long_side" else None
         self.size = (int(data_config["input_size"][-1]), int(data_config["input_size"][-2]))
         self.resample = self.RESAMPLE[data_config.get("interpolation", "bicubic")]
         self.mean = torch.tensor(data_config["mean"], dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(data_config["std"], dtype=torch.float32).view(1, 3, 1, 1)
 
-    def __call__(self, image: Image.Image, boxes: np.ndarray) -> torch.Tensor:
-        """(n, 3, S, S) float32 of the ``boxes`` (x, y, w, h) of ``image``."""
+    def __call__(self, image: Image.Image, boxes: np.ndarray) -> torch.Tensor | ShapeGroups:
+        """(n, 3, S, S) float32 of the ``boxes`` (x, y, w, h) of ``image``; long_side: ShapeGroups."""
+        if self.long_side is not None:
+            return shape_groups([self.long_side(image.crop((x, y, x + w, y + h))) for x, y, w, h in boxes.tolist()])
         pixels = np.stack([np.asarray(image.crop((x, y, x + w, y + h)).resize(self.size, self.resample))
                            for x, y, w, h in boxes.tolist()])
         batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255)
         return batch.sub_(self.mean).div_(self.std)
+
+
+class CropBatches:
+    """Crops waiting for the encoder, by shape: a shape's full batches are encoded as soon as they fill
+    (squash has one shape, so its batches are the crops in arrival order), ``finish`` encodes the rest
+    and returns each layer's descriptors in arrival order. Crops of different shapes (long_side) are
+    never padded to a common shape: the extra padding tokens would change those crops' descriptors."""
+
+    def __init__(self, model: LoadedModel, layers: Sequence[int] | None, batch_size: int) -> None:
+        self.model, self.layers, self.batch_size = model, layers, batch_size
+        self.waiting: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.encoded: list[tuple[torch.Tensor, list[torch.Tensor]]] = []  # (positions, one (B, D) per layer)
+        self.count = 0
+
+    def add(self, crops: torch.Tensor | ShapeGroups) -> None:
+        """Queue a (n, 3, H, W) tensor or ShapeGroups (positions relative to this call)."""
+        groups = [(torch.arange(len(crops)), crops)] if isinstance(crops, torch.Tensor) else crops
+        for positions, batch in groups:
+            shape = tuple(batch.shape[1:])
+            self.waiting.setdefault(shape, []).append((positions + self.count, batch))
+            if sum(len(b) for _, b in self.waiting[shape]) >= self.batch_size:
+                self._encode(shape, everything=False)
+        self.count += sum(len(positions) for positions, _ in groups)
+
+    def _encode(self, shape: tuple[int, ...], everything: bool) -> None:
+        parts = self.waiting.pop(shape)
+        positions, stacked = torch.cat([p for p, _ in parts]), torch.cat([b for _, b in parts])
+        full = len(stacked) if everything else len(stacked) // self.batch_size * self.batch_size
+        for start in range(0, full, self.batch_size):
+            stop = min(start + self.batch_size, full)
+            self.encoded.append((positions[start:stop], encode(self.model, stacked[start:stop], self.layers)))
+        if full < len(stacked):
+            self.waiting[shape] = [(positions[full:], stacked[full:])]
+
+    def finish(self) -> list[torch.Tensor] | None:
+        """Descriptors of every queued crop, one (n, D) tensor per layer in arrival order (None if
+        none was queued); the queue starts again empty."""
+        for shape in list(self.waiting):
+            self._encode(shape, everything=True)
+        encoded, self.encoded, self.count = self.encoded, [], 0
+        if not encoded:
+            return None
+        order = torch.cat([positions for positions, _ in encoded])
+        layers = [torch.cat([vectors[i] for _, vectors in encoded]) for i in range(len(encoded[0][1]))]
+        if bool((order[1:] > order[:-1]).all()):
+            return layers
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order))
+        return [vectors[inverse] for vectors in layers]
 
 
 class _CropDataset(TorchDataset):
@@ -486,29 +553,16 @@ def extract_missing(stores: Sequence[FeatureStore], records: Sequence[ImageRecor
     loader = DataLoader(_CropDataset(todo, sorted({s.level for s in stores}), region, models[0].data_config, method),
                         batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_collate_shared,
                         prefetch_factor=4 if num_workers else None)
-    crops: list[torch.Tensor] = []          # preprocessed patches not yet encoded
-    encoded: list[list[torch.Tensor]] = []  # per batch: one (B, D) tensor per layer
+    batches = CropBatches(models[0], layers, batch_size)  # preprocessed patches not yet encoded
     patches_done = 0
 
-    def encode_crops(everything: bool) -> None:
-        """Encode full batches (and the remainder when ``everything``)."""
-        nonlocal crops
-        stacked = torch.cat(crops) if crops else torch.zeros(0)
-        full = len(stacked) if everything else len(stacked) // batch_size * batch_size
-        for start in range(0, full, batch_size):
-            encoded.append(encode(models[0], stacked[start:min(start + batch_size, full)], layers))
-        crops = [stacked[full:]] if full < len(stacked) else []
-
     def take(payload: Any) -> None:
-        crops.append(payload if cut is None else cut(*payload, device=models[0].device))
-        if sum(len(c) for c in crops) >= batch_size:
-            encode_crops(everything=False)
+        batches.add(payload if cut is None else cut(*payload, device=models[0].device))
 
     def write(pending: list) -> None:
         nonlocal patches_done
-        encode_crops(everything=True)
-        by_layer = {layer: torch.cat([e[i] for e in encoded]).numpy() if encoded else None
-                    for i, layer in enumerate(layers)}
+        encoded = batches.finish()
+        by_layer = {layer: encoded[i].numpy() if encoded else None for i, layer in enumerate(layers)}
         boxes = np.concatenate([p[1][0] for p in pending])
         levels = np.concatenate([p[1][1] for p in pending])
         owner = np.repeat(np.arange(len(pending)), [len(p[1][1]) for p in pending])
@@ -520,7 +574,6 @@ def extract_missing(stores: Sequence[FeatureStore], records: Sequence[ImageRecor
                 vectors=vectors[rows] if vectors is not None else np.zeros((0, model.dim), np.float32),
                 boxes=boxes[rows], errors=[p[2] for p in pending], dim=model.dim)
         patches_done += len(levels)
-        encoded.clear()
 
     _feed_chunks(todo, loader, desc=desc, chunk_size=chunk_size, stats=stats, take=take, write=write)
     stats.extracted = len(todo)
@@ -545,7 +598,8 @@ def token_cells(rows: int, cols: int, levels: Sequence[int]) -> dict[int, list[t
 
 class _WholeImageDataset(TorchDataset):
     """Image i -> (whole image preprocessed (3, S, S), (width, height), error message); with
-    ``transform=None`` (``extract.crops=tensor``) the decoded image (3, H, W) uint8 instead."""
+    ``transform=None`` (``extract.crops=tensor``) the decoded image (3, H, W) uint8 instead. Pool mode
+    cuts one square token grid: ``model.resize=long_side`` is refused with it (src/patchify/settings.py)."""
 
     def __init__(self, records: Sequence[ImageRecord], transform):
         self.records, self.transform = records, transform
@@ -639,9 +693,9 @@ def describe_images(records: Sequence[ImageRecord], model: LoadedModel, *, regio
     cut = TensorCrops(model.data_config) if method != "pil" else None
     items = [dataset[i] for i in range(len(records))]
     errors = [error for _, _, error in items if error]
-    crops = [c if cut is None else cut(*c, device=model.device) for c, _, error in items if not error]
-    if not crops:
-        return np.zeros((0, model.dim), np.float32), errors
-    stacked = torch.cat(crops)
-    vectors = [encode(model, stacked[i:i + batch_size])[0] for i in range(0, len(stacked), batch_size)]
-    return torch.cat(vectors).numpy(), errors
+    batches = CropBatches(model, None, batch_size)
+    for crops, _, error in items:
+        if not error:
+            batches.add(crops if cut is None else cut(*crops, device=model.device))
+    encoded = batches.finish()
+    return (encoded[0].numpy() if encoded else np.zeros((0, model.dim), np.float32)), errors

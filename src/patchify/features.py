@@ -154,7 +154,14 @@ def at_input_size(model_cfg: DictConfig, image_size: int) -> DictConfig:
 def make_feature_source(cfg: DictConfig) -> FeatureSource:
     """The model of ``cfg.model`` and its caches. In pool mode the gallery model runs at
     ``pyramid.pool_image_size`` and queries at ``pyramid.pool_query_size`` (0: the model's own
-    input size, as in crop mode, whose query descriptors it then shares)."""
+    input size, as in crop mode, whose query descriptors it then shares).
+
+    With ``extract.import_features=PATH`` no model is loaded: that file's vectors stand in
+    (src/patchify/feature_files.py ImportedSource, the same methods task=eval calls)."""
+    if cfg.extract.get("import_features"):
+        from .feature_files import imported_source
+
+        return imported_source(cfg)  # type: ignore[return-value]
     if cfg.pyramid.mode not in ("crop", "pool"):
         raise ConfigError(f"pyramid.mode must be crop or pool, got {cfg.pyramid.mode!r}")
     load = partial(load_model, device=cfg.extract.device, precision=cfg.extract.precision)

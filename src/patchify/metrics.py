@@ -32,6 +32,12 @@ sklearn's ``average_precision_score`` groups tied scores into one threshold,
 so the two agree exactly whenever scores are distinct.
 
 Boxes are float arrays (n, 4) in (x, y, w, h) pixels, top-left origin.
+
+Revisited protocol (rOxford5k, rParis6k; INSTRE uses its AP with one setup): per-query positive and junk
+lists, junk taken out of the ranking, AP as trapezoids under the precision-recall curve
+(:func:`interpolated_average_precision`), mP@k as revisitop computes it, queries without positives left
+out of the means; :func:`evaluate_revisited` for Easy / Medium / Hard. docs/METRICS.md says how it differs
+from the ILIAS AP above.
 """
 from __future__ import annotations
 
@@ -229,4 +235,93 @@ def evaluate(
     if "map" in metrics and any_scales:
         out["mAP_scale"] = {g: (float(np.mean(v)) if v else None) for g, v in scale_aps.items()}
     out["per_query"] = per_query
+    return out
+
+
+# ----------------------------------------------------------------------------- revisited protocol (rOxford, INSTRE)
+
+KAPPAS = (1, 5, 10)
+# setup -> (ground-truth lists that are positives, lists that are junk), as revisitop's example_evaluate.py builds them
+REVISITED_SETUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "easy": (("easy",), ("junk", "hard")),
+    "medium": (("easy", "hard"), ("junk",)),
+    "hard": (("hard",), ("junk", "easy")),
+}
+
+
+def positive_ranks(ranked_ids: Sequence[str], positives: set[str] | frozenset[str],
+                   junk: set[str] | frozenset[str] = frozenset()) -> np.ndarray:
+    """0-based ranks of the positives in ``ranked_ids`` once junk is taken out of the list (an id listed as both
+    positive and junk is a positive, as in revisitop, whose rank shift only counts junk that is not positive)."""
+    kept = [i for i in ranked_ids if i in positives or i not in junk]
+    return np.flatnonzero(np.fromiter((i in positives for i in kept), dtype=bool, count=len(kept)))
+
+
+def interpolated_average_precision(ranks: np.ndarray, num_positives: int) -> float:
+    """The revisited protocol's AP in [0, 1] (revisitop ``compute_ap``; Iscen et al.'s ``score_ap_from_ranks1``).
+
+    Trapezoids under the precision-recall curve: the j-th retrieved positive (0-based, at 0-based rank r_j)
+    adds ``(p0 + p1) / 2 / |G|``, with ``p0 = j / r_j`` (1 when r_j = 0) the precision just before it and
+    ``p1 = (j + 1) / (r_j + 1)`` the precision at it. Positives missing from ``ranks`` add nothing.
+    """
+    if num_positives <= 0:
+        raise ValueError(f"num_positives must be positive, got {num_positives}")
+    r = np.asarray(ranks, dtype=np.float64)
+    if r.size > num_positives:
+        raise ValueError(f"{r.size} positive ranks but only {num_positives} positives")
+    j = np.arange(r.size, dtype=np.float64)
+    before = np.where(r > 0, j / np.where(r > 0, r, 1.0), 1.0)
+    after = (j + 1.0) / (r + 1.0)
+    return float(((before + after) / 2.0).sum() / num_positives)
+
+
+def revisited_precision_at(ranks: np.ndarray, kappa: int) -> float:
+    """revisitop's precision at ``kappa``: positives among the first ``min(kappa, last positive's rank)`` ranks
+    (1-based) over that cut; so a query whose positives all lie above rank kappa scores 1. 0 with no positive."""
+    r = np.asarray(ranks) + 1
+    if r.size == 0:
+        return 0.0
+    cut = min(int(r.max()), int(kappa))
+    return float((r <= cut).sum() / cut)
+
+
+def evaluate_setup(rankings: Sequence[Sequence[str]], positives: Sequence[set[str] | frozenset[str]],
+                   junk: Sequence[set[str] | frozenset[str]], kappas: Sequence[int] = KAPPAS) -> dict:
+    """mAP and mP@kappa (percent) of one setup over the queries that have a positive.
+
+    A query without positives is left out of the means, as revisitop leaves it out (its per-query values are
+    None; ``queries_without_positives`` counts them). ``per_query``: ``{"AP": ..., "P@kappa": ...}`` per query.
+    """
+    if not (len(rankings) == len(positives) == len(junk)):
+        raise ValueError(f"{len(rankings)} rankings, {len(positives)} positive sets and {len(junk)} junk sets")
+    per_query: list[dict] = []
+    for ranked, pos, jnk in zip(rankings, positives, junk):
+        if not pos:
+            per_query.append({"AP": None, **{f"P@{k}": None for k in kappas}})
+            continue
+        ranks = positive_ranks(ranked, pos, jnk)
+        per_query.append({"AP": 100.0 * interpolated_average_precision(ranks, len(pos)),
+                          **{f"P@{k}": 100.0 * revisited_precision_at(ranks, k) for k in kappas}})
+    scored = [q for q in per_query if q["AP"] is not None]
+    out: dict = {"num_queries": len(scored), "queries_without_positives": len(per_query) - len(scored)}
+    out["mAP"] = float(np.mean([q["AP"] for q in scored])) if scored else None
+    for k in kappas:
+        out[f"mP@{k}"] = float(np.mean([q[f"P@{k}"] for q in scored])) if scored else None
+    out["per_query"] = per_query
+    return out
+
+
+def evaluate_revisited(rankings: Sequence[Sequence[str]], truths: Sequence[dict[str, set[str] | frozenset[str]]],
+                       kappas: Sequence[int] = KAPPAS) -> dict:
+    """The revisited Oxford/Paris protocol (Radenovic et al., CVPR 2018): Easy, Medium and Hard setups.
+
+    ``truths[i]``: query i's gallery ids under ``"easy"``, ``"hard"`` and ``"junk"``. Each setup (REVISITED_SETUPS)
+    takes some lists as positives and the others as junk, which is removed from the ranking before scoring.
+    Returns ``{setup: evaluate_setup(...)}``.
+    """
+    out = {}
+    for setup, (positive_lists, junk_lists) in REVISITED_SETUPS.items():
+        positives = [frozenset().union(*(t.get(name, ()) for name in positive_lists)) for t in truths]
+        junk = [frozenset().union(*(t.get(name, ()) for name in junk_lists)) for t in truths]
+        out[setup] = evaluate_setup(rankings, positives, junk, kappas)
     return out

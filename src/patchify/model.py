@@ -32,6 +32,14 @@ fp32's) at 2.75-2.9x crop mode's speed on a 2-core AVX512-BF16 CPU. A cast model
 ``torch.autocast``: as accurate (cosine to fp32 min 0.9998 vs 0.9999 on 240 crops) and
 faster (3.25x vs 2.55x the encoder's fp32 speed). Dynamic int8 quantisation of the Linear
 layers was measured and is not offered: mAP 32.79, cosine down to 0.94.
+
+Resize (``model.resize``, every crop, query and gallery cell on its own): ``squash`` (default) resizes
+it to the square input size, as the paper's patches are encoded; ``long_side`` is ILIAS's own
+preprocessing (ilias-vrg/ilias ``feature_extraction``: ``LargeSideResize`` then
+``MultiplierPadding``): the long side to the input size, aspect kept, then zero padding (the mean
+colour, after normalisation) to a multiple of the patch size, split evenly with the odd pixel at the
+bottom/right, and a ViT built with timm's ``dynamic_img_size`` at its native size (its position
+embedding resampled to each input's token grid, as ILIAS's models are). docs/METRICS.md, "Preprocessing".
 """
 
 from __future__ import annotations
@@ -42,16 +50,19 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from PIL import Image
 from torch import nn
 
 from .assets import sha256_of
 from .weights import PACKAGED, checkpoint_sha256, packaged_checkpoint
 
 POOLS = ("cls", "mean", "gem", "head", "projection")
+RESIZES = ("squash", "long_side")  # model.resize
 PRECISIONS = ("fp32", "fp16", "bf16")  # what extract.precision resolves to (and "auto")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -173,6 +184,61 @@ class LoadedModel:
     def input_size(self) -> int:
         return int(self.data_config["input_size"][-1])
 
+    @property
+    def resize(self) -> str:
+        """``squash`` or ``long_side`` (``model.resize``)."""
+        return "long_side" if self.data_config.get("crop_mode") == "long_side" else "squash"
+
+    def probe(self) -> torch.Tensor:
+        """A blank (1, 3, S, S) input of the input size (padded to the patch size under long_side)."""
+        size = padded_length(self.input_size, int(self.data_config.get("pad_multiple", 1)))
+        return torch.zeros(1, 3, size, size, device=self.device)
+
+
+def long_side_size(width: int, height: int, target: int) -> tuple[int, int]:
+    """(width, height) with the long side ``target`` and the aspect kept, the short side truncated to
+    whole pixels (at least 1), as ILIAS's ``LargeSideResize`` computes it."""
+    aspect = height / width
+    new_height = max(1, int(target * aspect) if aspect <= 1 else target)
+    new_width = max(1, int(target / aspect) if aspect > 1 else target)
+    return new_width, new_height
+
+
+def padded_length(length: int, multiple: int) -> int:
+    """``length`` rounded up to a multiple of ``multiple``."""
+    return -(-length // multiple) * multiple
+
+
+def pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
+    """(..., H, W) zero-padded to multiples of ``multiple``, each side's padding split in two with the
+    odd pixel at the bottom/right (ILIAS's ``MultiplierPadding``)."""
+    height, width = images.shape[-2:]
+    pad_h, pad_w = padded_length(height, multiple) - height, padded_length(width, multiple) - width
+    if not (pad_h or pad_w):
+        return images
+    return F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+
+
+class LongSideTransform:
+    """``model.resize=long_side`` of one PIL image: long side to the input size (aspect kept, the
+    model's interpolation), to tensor, normalised, padded to the patch size: (3, H', W') float32."""
+
+    def __init__(self, data_config: dict) -> None:
+        self.target = int(data_config["input_size"][-1])
+        self.multiple = int(data_config.get("pad_multiple", 1))
+        self.resample = Image.Resampling[str(data_config.get("interpolation", "bicubic")).upper()]
+        self.mean = torch.tensor(data_config["mean"], dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(data_config["std"], dtype=torch.float32).view(3, 1, 1)
+
+    def size(self, width: int, height: int) -> tuple[int, int]:
+        """The resized (width, height) of a ``width`` x ``height`` image, before padding."""
+        return long_side_size(width, height, self.target)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = torch.from_numpy(np.asarray(image.resize(self.size(*image.size), self.resample)).copy())
+        tensor = pixels.permute(2, 0, 1).float().div_(255).sub_(self.mean).div_(self.std)
+        return pad_to_multiple(tensor, self.multiple)
+
 
 @lru_cache(maxsize=None)
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -232,7 +298,8 @@ def _weights_source(cfg: DictConfig) -> tuple[str | None, str]:
     return None, "random-init:seed0"
 
 
-def _create_backbone(cfg: DictConfig, checkpoint: str | None) -> nn.Module:
+def _create_backbone(cfg: DictConfig, checkpoint: str | None, dynamic: bool = False) -> nn.Module:
+    """The timm backbone; ``dynamic`` (long_side): built at its native size with ``dynamic_img_size``."""
     name = f"{cfg.timm_name}.{cfg.tag}" if cfg.get("tag") else cfg.timm_name
     kwargs: dict[str, Any] = {}
     if cfg.pool != "projection":
@@ -240,14 +307,17 @@ def _create_backbone(cfg: DictConfig, checkpoint: str | None) -> nn.Module:
     if checkpoint:
         kwargs["pretrained_cfg_overlay"] = dict(file=checkpoint)
     pretrained = bool(checkpoint) or bool(cfg.get("pretrained", True))
-    if cfg.image_size and cfg.image_size > 0:
+    if dynamic:
+        kwargs["dynamic_img_size"] = True
+    elif cfg.image_size and cfg.image_size > 0:
         kwargs["img_size"] = int(cfg.image_size)
     try:
         return _timm_create(name, pretrained, kwargs)
     except TypeError as err:
         if "img_size" not in str(err):
             raise
-        kwargs.pop("img_size")  # CNNs take any input size; the data config sets it
+        kwargs.pop("img_size", None)  # CNNs take any input size; the data config sets it
+        kwargs.pop("dynamic_img_size", None)
         return _timm_create(name, pretrained, kwargs)
 
 
@@ -294,8 +364,11 @@ def _unfuse_attention(encoder: nn.Module) -> None:
 
 def load_model(cfg: DictConfig, device: str = "auto", precision: str = "fp32") -> LoadedModel:
     """Build the encoder, its eval transform and its cache fingerprint from ``cfg.model``."""
+    resize = str(cfg.get("resize", "squash"))
+    if resize not in RESIZES:
+        raise ModelConfigError(f"model.resize={resize}: must be one of {', '.join(RESIZES)}")
     checkpoint, weights_id = _weights_source(cfg)
-    backbone = _create_backbone(cfg, checkpoint)
+    backbone = _create_backbone(cfg, checkpoint, dynamic=resize == "long_side")
     if checkpoint:
         check_checkpoint_covers(backbone, checkpoint)
     data_config = timm.data.resolve_model_data_config(backbone)
@@ -305,6 +378,10 @@ def load_model(cfg: DictConfig, device: str = "auto", precision: str = "fp32") -
     # patch's borders, where the object may sit.
     data_config.update(crop_pct=1.0, crop_mode="squash")
     transform = timm.data.create_transform(**data_config, is_training=False)
+    patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)
+    if resize == "long_side":  # enters the fingerprint's preprocessing below (squash's stays as it was)
+        data_config.update(crop_mode="long_side", pad_multiple=int(patch[0]) if patch is not None else 1)
+        transform = LongSideTransform(data_config)
     encoder = Encoder(backbone, layer=int(cfg.layer), pool=cfg.pool,
                       norm_intermediate=bool(cfg.get("norm_intermediate", True)))
     torch_device = resolve_device(device)
@@ -319,13 +396,13 @@ def load_model(cfg: DictConfig, device: str = "auto", precision: str = "fp32") -
         "precision": precision,
     }
     size = int(data_config["input_size"][-1])
-    patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)
-    if patch is not None and size % int(patch[0]):
+    # A size chosen here must fill whole patches (pool mode maps tokens to pixels); a model's native size
+    # need not: SigLIP SO400M/14 runs at 384 px as trained, its 27x27 patches leaving 6 px unread.
+    if patch is not None and size % int(patch[0]) and resize == "squash" and cfg.image_size and cfg.image_size > 0:
         raise ModelConfigError(f"model.image_size={cfg.image_size}: input size {size} is not a multiple of the patch "
                                f"size {int(patch[0])} of {cfg.timm_name}")
-    probe = torch.zeros(1, 3, size, size, device=torch_device)
-    dim = int(encoder(probe)[0].shape[-1])
-    return LoadedModel(encoder, transform, data_config, fingerprint, torch_device, precision, dim)
+    loaded = LoadedModel(encoder, transform, data_config, fingerprint, torch_device, precision, 0)
+    return replace(loaded, dim=int(encoder(loaded.probe())[0].shape[-1]))
 
 
 def encode(model: LoadedModel, batch: torch.Tensor, layers: Sequence[int] | None = None) -> list[torch.Tensor]:
@@ -340,11 +417,10 @@ def with_layer(model: LoadedModel, layer: int) -> LoadedModel:
     if model.encoder.pool in ("head", "projection") and layer != -1:
         raise ModelConfigError(f"model.pool={model.encoder.pool} uses the model's own head and needs layer -1, got {layer}")
     check_layer(model.encoder.backbone, layer)
-    size = model.input_size
-    probe = torch.zeros(1, 3, size, size, device=model.device)
-    dim = int(model.encoder(probe, [layer])[0].shape[-1])
+    dim = int(model.encoder(model.probe(), [layer])[0].shape[-1])
     return replace(model, fingerprint={**model.fingerprint, "layer": int(layer)}, dim=dim)
 
 
-__all__ = ["Encoder", "LoadedModel", "ModelConfigError", "block_count", "check_layer", "cpu_has_native_bf16", "encode",
-           "load_model", "resolve_device", "resolve_precision", "with_layer", "POOLS", "PRECISIONS"]
+__all__ = ["Encoder", "LoadedModel", "LongSideTransform", "ModelConfigError", "block_count", "check_layer",
+           "cpu_has_native_bf16", "encode", "load_model", "long_side_size", "pad_to_multiple", "resolve_device",
+           "resolve_precision", "with_layer", "POOLS", "PRECISIONS", "RESIZES"]

@@ -42,6 +42,7 @@ from .pyramid import MAX_LEVEL, MULTI_SCALE_MODES
 
 TASKS = ("eval", "extract", "index", "search")         # src/patchify/tasks/__init__.py TASKS
 POOLS = ("cls", "mean", "gem", "head", "projection")   # src/patchify/model.py POOLS
+RESIZES = ("squash", "long_side")                      # src/patchify/model.py RESIZES
 POOL_METHODS = ("split", "masked")                     # src/patchify/pool_cells.py POOL_METHODS
 CELL_POSITIONS = ("local", "global")                   # src/patchify/pool_cells.py CELL_POSITIONS
 PACKAGED = ("dinov2_s_packaged", "efficientnet_lite0")  # src/patchify/weights.py PACKAGED
@@ -52,6 +53,8 @@ RERANK_STAGES = ("none", "refine", "verify", "both")   # src/patchify/rerank.py 
 VERIFY_MATCHERS = ("mnn", "lighterglue", "lightglue")  # src/patchify/rerank.py MATCHERS
 PATCH_MODES = ("crop", "pool")
 CROP_METHODS = ("pil", "tensor")                        # src/patchify/crops.py CROP_METHODS
+MISSING_FEATURES = ("error", "skip")                    # src/patchify/feature_files.py MISSING_CHOICES
+FEATURE_FILE_SUFFIXES = (".npz", ".h5", ".hdf5")        # src/patchify/feature_files.py SUFFIXES
 
 
 class ConfigError(ValueError):
@@ -106,6 +109,14 @@ def _device(value: Any) -> bool:
     return isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is not None
 
 
+FEATURE_FILE_ALLOWED = "a path ending in .npz, .h5 or .hdf5"
+
+
+def _feature_file(value: Any) -> bool:
+    """null or a feature file name (src/patchify/feature_files.py SUFFIXES)."""
+    return value is None or (isinstance(value, str) and Path(value).suffix.lower() in FEATURE_FILE_SUFFIXES)
+
+
 def _index_shard(value: Any) -> bool:
     return value is None or value == "train" or (type(value) is int and value >= 0)
 
@@ -142,14 +153,19 @@ class GenerateSettings:
 class DatasetSettings:
     """configs/dataset/*.yaml (src/patchify/data.py load_dataset)."""
 
-    kind: str = key(choices=("ilias", "folder"))
+    kind: str = key(choices=("ilias", "folder", "revisited", "instre"))
     name: str = key()
     root: Path = key()
-    split: str = key()
-    pin_manifest: bool = key()
+    split: str = key(absent_ok=True)
+    pin_manifest: bool = key(absent_ok=True)
     core_dir: str = key(absent_ok=True)
     distractors: Optional[Path] = key(absent_ok=True)
     generate: Optional[GenerateSettings] = key(absent_ok=True)
+    # benchmarks read from their ground-truth file (src/patchify/datasets/benchmarks.py)
+    gnd_file: str = key(absent_ok=True)
+    image_dir: str = key(absent_ok=True)
+    eval_k: int = key(lo=0, absent_ok=True)          # eval.k's default for this dataset (0: the whole gallery)
+    crop_queries: bool = key(absent_ok=True)         # query.crop_to_bbox's default for this dataset
 
 
 @dataclass(frozen=True)
@@ -163,6 +179,7 @@ class ModelSettings:
     checkpoint: Optional[Path] = key()
     packaged: Optional[str] = key(choices=PACKAGED)
     image_size: int = key(lo=0)
+    resize: str = key(choices=RESIZES, absent_ok=True)  # absent: squash
     layer: int = key(lo=-1, allowed="-1 (the final features) or a block index >= 0")
     pool: str = key(choices=POOLS)
     norm_intermediate: bool = key()
@@ -195,6 +212,9 @@ class ExtractSettings:
     crops: str = key(choices=CROP_METHODS)
     shard: int = key(lo=0)
     num_shards: int = key(lo=1)
+    import_features: Optional[Path] = key(check=_feature_file, allowed=FEATURE_FILE_ALLOWED)
+    missing_features: str = key(choices=MISSING_FEATURES)
+    export_features: Optional[Path] = key(check=_feature_file, allowed=FEATURE_FILE_ALLOWED)
 
 
 @dataclass(frozen=True)
@@ -230,7 +250,7 @@ class IndexSettings:
 class EvalSettings:
     """configs/eval/default.yaml (src/patchify/metrics.py evaluate / resolve_iou_thresholds, src/patchify/report.py)."""
 
-    k: int = key(lo=1)
+    k: int = key(lo=0, allowed="an integer >= 1, or 0 for the whole gallery")
     metrics: list[str] = key(choices=METRICS, ignore_case=True, nonempty=True, item="metric")
     iou_threshold: Any = key(check=_iou_threshold, allowed="default, average or a number in (0, 1]")
     visualize: bool = key()
@@ -335,6 +355,19 @@ def _eval_needs_labels(cfg: DictConfig) -> str | None:
         "with task=index and search it with task=search"
 
 
+def _revisited_crops_queries(cfg: DictConfig) -> str | None:
+    return None if cfg.task != "eval" or cfg.dataset.kind != "revisited" or cfg.query.crop_to_bbox else \
+        f"query.crop_to_bbox=false: dataset={cfg.dataset.name} follows the revisited protocol, which crops every " \
+        "query to its box (gnd bbx); leave query.crop_to_bbox=true"
+
+
+def _mat_needs_scipy(cfg: DictConfig) -> str | None:
+    gnd_file = str(cfg.dataset.get("gnd_file") or "")
+    return None if cfg.task != "eval" or not gnd_file.endswith(".mat") or importlib.util.find_spec("scipy") else \
+        f'dataset.gnd_file={gnd_file}: reading a .mat ground-truth file needs scipy, which is not installed: ' \
+        'pip install "patchify[benchmarks]"'
+
+
 def _refine_needs_quantizer(cfg: DictConfig) -> str | None:
     refine = str(cfg.index.refine or "none")
     return None if refine.lower() == "none" or str(cfg.index.kind).lower() != "flat" else \
@@ -351,6 +384,22 @@ def _pool_mode_needs_tokens(cfg: DictConfig) -> str | None:
     pool = cfg.model.pool
     return None if cfg.pyramid.mode != "pool" or pool not in ("head", "projection") else \
         f"pyramid.mode=pool: needs model.pool cls, mean or gem (pools its own cells), got model.pool={pool}"
+
+
+def _long_side_fits(cfg: DictConfig) -> str | None:
+    """What ``model.resize=long_side`` (a token grid of each crop's own shape) cannot do."""
+    if str(cfg.model.get("resize", "squash")) != "long_side":
+        return None
+    if cfg.pyramid.mode == "pool":
+        return "pyramid.mode=pool: cuts cells from one square token grid; model.resize=long_side needs " \
+               "pyramid.mode=crop"
+    if str(cfg.extract.get("crops", "pil")) != "pil":
+        return f"extract.crops={cfg.extract.crops}: cuts squashed crops only; model.resize=long_side needs " \
+               f"extract.crops=pil"
+    if str(cfg.rerank.stage) in ("refine", "both"):
+        return f"rerank.stage={cfg.rerank.stage}: refine encodes squashed windows; model.resize=long_side needs " \
+               f"rerank=none or rerank=verify"
+    return None
 
 
 def rerank_extra_missing(rerank: DictConfig) -> str | None:
@@ -371,9 +420,33 @@ def _verify_needs_rerank_extra(cfg: DictConfig) -> str | None:
     return rerank_extra_missing(cfg.rerank)
 
 
+def _feature_files_need_eval(cfg: DictConfig) -> str | None:
+    for name in ("import_features", "export_features"):
+        if cfg.extract.get(name) and cfg.task != "eval":
+            return f"extract.{name}={cfg.extract[name]}: applies to task=eval only (task={cfg.task})"
+    return None
+
+
+def _imported_features_fit(cfg: DictConfig) -> str | None:
+    """What imported vectors cannot do: refine encodes windows with the encoder (which the file replaces), and a
+    sharded index numbers patches by the pyramid's cells."""
+    path = cfg.extract.get("import_features")
+    if not path:
+        return None
+    if str(cfg.rerank.stage) in ("refine", "both"):
+        return f"rerank.stage={cfg.rerank.stage}: refine encodes windows with the encoder, which " \
+               f"extract.import_features={path} replaces; use rerank=none or rerank=verify"
+    if int(cfg.index.get("shards", 1)) > 1 or bool(cfg.index.get("on_disk", False)):
+        return f"index.shards={cfg.index.get('shards', 1)}: a sharded or on-disk index numbers patches by pyramid " \
+               f"cell, which extract.import_features={path} has not; use index.shards=1 index.on_disk=false"
+    return None
+
+
 AGREEMENTS: tuple[Callable[[DictConfig], str | None], ...] = (
-    _shard_in_range, _shards_need_extract, _search_needs_query, _eval_needs_labels, _refine_needs_quantizer,
-    _head_needs_final_layer, _pool_mode_needs_tokens, _verify_needs_rerank_extra)
+    _shard_in_range, _shards_need_extract, _search_needs_query, _eval_needs_labels, _revisited_crops_queries,
+    _mat_needs_scipy, _refine_needs_quantizer,
+    _head_needs_final_layer, _pool_mode_needs_tokens, _verify_needs_rerank_extra, _feature_files_need_eval,
+    _imported_features_fit, _long_side_fits)
 
 
 # ----------------------------------------------------------------------------- checking

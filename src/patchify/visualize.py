@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from .cache import atomic_write_bytes
 from .data import IMAGE_EXTENSIONS, ImageRecord, to_rgb
 from .metrics import box_iou
+from .tar_images import image_source
 
 Colour = tuple[int, int, int]
 
@@ -140,7 +141,7 @@ def _load_thumbnail(path: Path, side: int) -> tuple[Image.Image, float, float] |
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            with image_source(path) as source, Image.open(source) as opened:  # a file or a tar member
                 orig_w, orig_h = opened.size
                 if opened.getexif().get(0x0112, 1) in (5, 6, 7, 8):
                     orig_w, orig_h = orig_h, orig_w

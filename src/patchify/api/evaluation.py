@@ -166,7 +166,12 @@ def read_results(results: PathLike | Mapping | Sequence, boxes: PathLike | Mappi
     source = "results"
     if isinstance(results, (str, Path)):
         path = results_file(results)
-        source, content = str(path), _load_json_or_lines(path)
+        if path.suffix == ".pkl":  # ILIAS's pickle similarity form (a run's similarity.pkl)
+            from ..report import read_similarity
+
+            source, content = str(path), read_similarity(path)
+        else:
+            source, content = str(path), _load_json_or_lines(path)
     else:
         content = results
     rankings: dict[str, Ranking] = {}

@@ -14,7 +14,6 @@ are cached by content (src/patchify/rerank.py), so a second search computes only
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from ..report import RunReport
 from ..rerank import RerankResult, rerank
 from ..search import ImageHits, PatchOwners, rows_of_ids, search_images
 from ..settings import ConfigError
+from ..tar_images import image_exists
 from .evaluate import refine_model_of
 
 
@@ -79,7 +79,7 @@ class BundleCandidates:
 
     def exists(self, image: int) -> bool:
         if image not in self._exists:
-            self._exists[image] = os.path.exists(self.records[image].path)
+            self._exists[image] = image_exists(self.records[image].path)  # a file or a tar member
         return self._exists[image]
 
     def load_vectors(self, images) -> None:
@@ -267,7 +267,7 @@ def _query_output(record: ImageRecord, final: RerankResult, q: int, shown: int, 
         if final.outlines is not None and np.isfinite(final.outlines[q, col]).all():  # where the object lies
             hit["outline"] = [[round(float(x), 1), round(float(y), 1)] for x, y in final.outlines[q, col]]
         top.append(hit)
-    gone = [hit for hit in top if not os.path.exists(hit["path"])]
+    gone = [hit for hit in top if not image_exists(hit["path"])]  # a file or a tar member
     for hit in gone:  # indexed, then deleted or moved: still a result, said so
         hit["missing"] = True
     if gone:
