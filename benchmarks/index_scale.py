@@ -59,6 +59,11 @@ size from results files::
     python benchmarks/index_scale.py run --stats .bench/feature_stats.npz --images 10000 100000 [--out DIR]
     python benchmarks/index_scale.py scan --images 10000 100000 300000 1000000 [--out DIR]
     python benchmarks/index_scale.py report DIR/results.jsonl [...]
+    python benchmarks/index_scale.py refine --images 30000 [--nprobe 128 --k-factor 16 --out DIR]
+
+``refine`` (:func:`cmd_refine`): PQ alone, FAISS's in-RAM refine and patchify's on-disk refine
+(SQ8 codes memory-mapped beside on-disk lists) on one gallery built through the project's sharded
+path: recall@100, bytes per image on disk and in RAM, single-query latency warm and cold.
 
 ``run``, ``scan`` and ``report`` need only numpy and faiss (and PyTorch with a GPU for
 ``--gpu-from``); ``fit`` needs the project (Hydra, ``patchify``).
@@ -816,6 +821,181 @@ def cmd_scan(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- report
 
+# ----------------------------------------------------------------------------- refine: PQ alone, in-RAM and on-disk refine
+
+REFINE_VARIANTS = ("pq_ram", "pq_disk", "refine_ram", "refine_disk")
+
+
+def status_bytes(key: str) -> int:
+    """A /proc/self/status field in bytes (RssAnon, RssFile, VmHWM, ...)."""
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+
+def drop_from_page_cache(path: Path) -> None:
+    """Evict ``path``'s clean, unmapped pages from the page cache (no root needed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def cmd_refine(args: argparse.Namespace) -> None:
+    """PQ alone, FAISS's in-RAM ``IndexRefine`` and patchify's on-disk refine (``MappedRefine``) on one gallery.
+
+    The gallery is filled through the project's sharded path: one trained ``IVF{nlist},PQ64x8,Refine(SQ8)``
+    (``patchify.index.train_index``, both stages trained on the same sample), one shard per generated chunk
+    (``populate_shard``: IVF-PQ codes and SQ8 refine codes), merged on disk (``merge_shards``: ``index.faiss``,
+    ``index.ivfdata``, ``index.refine.npy``) and, for the in-RAM variants, in memory. Each variant is then
+    measured in a fresh process (``refine-child``), one thread.
+    """
+    sys.path.insert(0, str(ROOT / "src"))
+    from patchify import index as faiss_index
+
+    gen, queries, out = synthetic_setup(args)
+    n = args.images * PATCHES
+    nlist = nlist_for(n)
+    spec = faiss_index.IndexSpec("ivfpq", m=PQ_M, nbits=PQ_NBITS, nlist=nlist, nprobe=args.nprobe, refine="SQ8",
+                                 k_factor=args.k_factor)
+    work = Path(tempfile.mkdtemp(prefix=f"index_refine_{args.images}_", dir=args.workdir))
+    result = {"images": args.images, "vectors": n, "factory": spec.factory_string(D), "nprobe": args.nprobe,
+              "k_factor": args.k_factor, "machine": machine(), "command": " ".join(sys.argv), "variants": {}}
+    print(f"\n=== {args.images:,} images x {PATCHES} = {n:,} vectors: {result['factory']}", flush=True)
+    started = time.perf_counter()
+    try:
+        trained = work / "trained.faiss"
+        index = faiss_index.create_index(spec, D)
+        faiss_index.train_index(index, gen.head(train_size(n, nlist), args.chunk_blocks), spec)
+        faiss_index.write_index(index, trained)
+        del index
+        result["train_s"] = time.perf_counter() - started
+        print(f"  trained in {result['train_s']:.0f} s", flush=True)
+        heap, shards, t0 = faiss.ResultHeap(len(queries), K, keep_max=True), [], time.perf_counter()
+        for start, x in gen.chunks(n, args.chunk_blocks):
+            sims, ids = faiss.knn(queries, x, K, metric=faiss.METRIC_INNER_PRODUCT)
+            heap.add_result(sims, ids + start)
+            shards.append(work / f"shard{len(shards):03d}.faiss")
+            faiss_index.populate_shard(trained, x, np.arange(start, start + len(x)), shards[-1])
+            print(f"  shard {len(shards)}: {start + len(x):,}/{n:,} vectors, {time.perf_counter() - t0:.0f} s", flush=True)
+        heap.finalize()
+        result["fill_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        faiss_index.merge_shards(trained, shards, work / "disk" / "index.faiss", on_disk=True)
+        result["merge_on_disk_s"] = time.perf_counter() - t0
+        ram = faiss_index.merge_shards(trained, shards, work / "ram" / "index.faiss", on_disk=False)
+        for shard in shards:
+            shard.unlink()
+            faiss_index.shard_refine_path(shard).unlink()
+        # the in-RAM variants as FAISS files: the IVF-PQ, and FAISS's IndexRefine over it with the same SQ8 codes
+        faiss.write_index(ram.base, str(work / "pq.faiss"))
+        sq8 = faiss.clone_index(ram.quantizer)
+        sq8.add_sa_codes(np.ascontiguousarray(ram.codes[:n]), np.arange(n, dtype=np.int64))
+        faiss.write_index(faiss.IndexRefine(ram.base, sq8), str(work / "refine_ram.faiss"))
+        del ram, sq8
+        np.save(work / "queries.npy", queries[: args.queries])
+        np.save(work / "gt.npy", heap.I[: args.queries])
+        for variant in REFINE_VARIANTS:
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+            child = subprocess.run([sys.executable, __file__, "refine-child", str(work), variant, "--nprobe",
+                                    str(args.nprobe), "--k-factor", str(args.k_factor), "--cold", str(args.cold_queries)],
+                                   env=env, capture_output=True, text=True)
+            if child.returncode:
+                sys.exit(f"refine-child {variant} failed:\n{child.stderr[-3000:]}")
+            row = json.loads(child.stdout.strip().splitlines()[-1])
+            for key in [k for k in row if k.endswith("_bytes")]:
+                row[key.replace("_bytes", "_bytes_per_image")] = row.pop(key) / args.images
+            result["variants"][variant] = row
+            print(f"  {variant:<12} " + ", ".join(f"{k} {v:,.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in row.items()), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["wall_s"] = time.perf_counter() - started
+    with open(out / "refine.jsonl", "a") as f:
+        f.write(json.dumps(result) + "\n")
+    print(f"  ({args.images:,} images done in {result['wall_s']:.0f} s) -> {out / 'refine.jsonl'}")
+
+
+def cmd_refine_child(args: argparse.Namespace) -> None:
+    """One variant in a fresh process: memory around loading, recall@100, single-query latency warm and cold."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from patchify import index as faiss_index
+    from patchify.search import PatchOwners, search_images
+
+    work = Path(args.work)
+    queries, gt = np.load(work / "queries.npy"), np.load(work / "gt.npy")
+    spec = faiss_index.IndexSpec("ivfpq", m=PQ_M, nprobe=args.nprobe, nlist=args.nprobe, refine="SQ8",
+                                 k_factor=args.k_factor)
+    path = {"pq_ram": work / "pq.faiss", "refine_ram": work / "refine_ram.faiss"}.get(args.variant, work / "disk" / "index.faiss")
+    files = [path] + ([path.with_suffix(".ivfdata")] if "disk" in args.variant else []) + \
+        ([faiss_index.refine_codes_path(path), faiss_index.refine_quantizer_path(path)] if args.variant == "refine_disk" else [])
+
+    prefetch = [32]  # threads FAISS's OnDiskInvertedLists starts per search to read the lists (its default: 32)
+
+    def open_index():
+        index = faiss_index.read_index(path)
+        if args.variant == "pq_disk":
+            index = index.base
+        faiss_index.set_search_params(index, spec)
+        if faiss_index.is_on_disk(index):
+            faiss_index._on_disk_lists(index).prefetch_nthread = prefetch[0]
+        return index
+
+    anon, file_pages = status_bytes("RssAnon"), status_bytes("RssFile")
+    index = open_index()
+    row = {"disk_bytes": sum(f.stat().st_size for f in files), "load_anon_bytes": status_bytes("RssAnon") - anon}
+    _, ids = index.search(queries, K)
+    row["recall_at_100"] = float(recall_at(ids, gt).mean())
+    for q in queries:  # warm the page cache
+        index.search(q[None], K)
+    warm = []
+    for q in queries:
+        t0 = time.perf_counter()
+        index.search(q[None], K)
+        warm.append(time.perf_counter() - t0)
+    row.update(warm_p50_ms=percentile_ms(warm, 50), warm_p95_ms=percentile_ms(warm, 95))
+    owners = PatchOwners.of(np.arange(index.ntotal) // PATCHES)
+    images = []
+    for q in queries:  # warm: an image-level search asks for more patches (4 x 100) than the patch search
+        search_images(index, q[None], owners, 100)
+    for q in queries:  # the project's image-level search (max per image), k = 100 images
+        t0 = time.perf_counter()
+        search_images(index, q[None], owners, 100)
+        images.append(time.perf_counter() - t0)
+    row.update(image_k100_warm_p50_ms=percentile_ms(images, 50), image_k100_warm_p95_ms=percentile_ms(images, 95))
+    row.update(anon_after_search_bytes=status_bytes("RssAnon") - anon, file_pages_after_search_bytes=status_bytes("RssFile") - file_pages)
+    if "disk" in args.variant:
+        for threads in (32, 0):
+            prefetch[0], cold, warm = threads, [], []
+            for q in queries[: args.cold]:
+                del index  # unmap: the kernel keeps pages a process maps
+                for f in files:
+                    drop_from_page_cache(f)
+                index = open_index()
+                t0 = time.perf_counter()
+                index.search(q[None], K)
+                cold.append(time.perf_counter() - t0)
+            for q in queries:
+                index.search(q[None], K)
+            for q in queries:
+                t0 = time.perf_counter()
+                index.search(q[None], K)
+                warm.append(time.perf_counter() - t0)
+            images = []
+            for q in queries:
+                search_images(index, q[None], owners, 100)
+            for q in queries:
+                t0 = time.perf_counter()
+                search_images(index, q[None], owners, 100)
+                images.append(time.perf_counter() - t0)
+            row.update({f"prefetch{threads}_image_k100_warm_p50_ms": percentile_ms(images, 50),
+                        f"prefetch{threads}_cold_p50_ms": percentile_ms(cold, 50),
+                        f"prefetch{threads}_cold_p95_ms": percentile_ms(cold, 95),
+                        f"prefetch{threads}_warm_p50_ms": percentile_ms(warm, 50),
+                        f"prefetch{threads}_warm_p95_ms": percentile_ms(warm, 95)})
+        row["cold_n"] = args.cold
+    print(json.dumps(row))
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     results = [json.loads(line) for f in args.files for line in open(f) if line.strip()]
     for r in results:
@@ -911,6 +1091,24 @@ def main() -> None:
     probe.add_argument("--threads", type=int, default=0)
     probe.add_argument("--chunk-blocks", type=int, default=4)
     probe.add_argument("--out", default=str(ROOT / ".bench" / "index_scale"))
+    refine = sub.add_parser("refine", help="PQ alone vs in-RAM vs on-disk refine (SQ8) at one gallery size")
+    refine.add_argument("--stats", default=str(ROOT / ".bench" / "feature_stats.npz"))
+    refine.add_argument("--images", type=int, default=30_000)
+    refine.add_argument("--queries", type=int, default=100, help="synthetic queries (timed and scored)")
+    refine.add_argument("--cold-queries", type=int, default=30, help="queries timed with a dropped page cache")
+    refine.add_argument("--nprobe", type=int, default=128)
+    refine.add_argument("--k-factor", type=float, default=16)
+    refine.add_argument("--seed", type=int, default=0)
+    refine.add_argument("--threads", type=int, default=0, help="build threads (0: all cores); searches use one")
+    refine.add_argument("--chunk-blocks", type=int, default=4, help=f"blocks of {BLOCK:,} vectors per shard")
+    refine.add_argument("--workdir", default=None)
+    refine.add_argument("--out", default=str(ROOT / ".bench" / "index_scale"))
+    refine_child = sub.add_parser("refine-child")
+    refine_child.add_argument("work")
+    refine_child.add_argument("variant", choices=REFINE_VARIANTS)
+    refine_child.add_argument("--nprobe", type=int, default=128)
+    refine_child.add_argument("--k-factor", type=float, default=16)
+    refine_child.add_argument("--cold", type=int, default=30)
     report = sub.add_parser("report", help="tables from results.jsonl files")
     report.add_argument("files", nargs="+")
     rss = sub.add_parser("rss")
@@ -919,7 +1117,8 @@ def main() -> None:
     if overrides and args.command != "fit":
         parser.error(f"unknown arguments {overrides}")
     {"fit": lambda: cmd_fit(args, overrides), "run": lambda: cmd_run(args), "report": lambda: cmd_report(args),
-     "rss": lambda: cmd_rss(args), "scan": lambda: cmd_scan(args), "probe": lambda: cmd_probe(args)}[args.command]()
+     "rss": lambda: cmd_rss(args), "scan": lambda: cmd_scan(args), "probe": lambda: cmd_probe(args),
+     "refine": lambda: cmd_refine(args), "refine-child": lambda: cmd_refine_child(args)}[args.command]()
 
 
 if __name__ == "__main__":

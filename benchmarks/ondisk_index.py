@@ -19,6 +19,7 @@ It prints the sizes, the limit, the child's peak RSS (mapped file pages included
 anonymous memory, latency p50/p95 and the agreement of the top-k with the in-memory index.
 
     python benchmarks/ondisk_index.py [--vectors 16000000 --d 128 --m 32 --nlist 1024 --nprobe 16 --shards 4]
+                                      [--refine SQ8 --k-factor 4]   # refine codes memory-mapped too
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def build(args, folder: Path) -> dict:
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((args.clusters, args.d)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    spec = faiss_index.IndexSpec("ivfpq", m=args.m, nlist=args.nlist, nbits=8, nprobe=args.nprobe)
+    spec = faiss_index.IndexSpec("ivfpq", m=args.m, nlist=args.nlist, nbits=8, nprobe=args.nprobe, refine=args.refine,
+                                 k_factor=args.k_factor)
     times = {}
 
     started = time.perf_counter()
@@ -91,7 +93,7 @@ def build(args, folder: Path) -> dict:
     full = faiss_index.merge_shards(folder / "trained.faiss", shards, folder / "full.faiss", on_disk=False)
     times["merge_in_memory"] = time.perf_counter() - started
     queries = vectors(np.random.default_rng(999), centres, args.queries).astype(np.float32)
-    faiss_index.set_nprobe(full, args.nprobe)
+    faiss_index.set_search_params(full, spec)
     dist, ids = full.search(queries, args.k)
     np.save(folder / "queries.npy", queries)
     np.save(folder / "expected_ids.npy", ids)
@@ -99,14 +101,14 @@ def build(args, folder: Path) -> dict:
     return times
 
 
-def child(folder: Path, headroom: int, nprobe: int, k: int) -> None:
+def child(folder: Path, headroom: int, nprobe: int, k: int, k_factor: float) -> None:
     """The limited process: prove the limit bites, then search memory-mapped; print one JSON line."""
     queries = np.load(folder / "queries.npy")
     expected_ids, expected_dist = np.load(folder / "expected_ids.npy"), np.load(folder / "expected_dist.npy")
     baseline = status("VmData")
     resource.setrlimit(resource.RLIMIT_DATA, (baseline + headroom, baseline + headroom))
     try:
-        faiss.read_index(str(folder / "full.faiss"))
+        faiss.read_index(str(folder / "full.faiss"))  # the IVF-PQ file (refine codes, if any, lie beside it)
         full_load = "succeeded"
     except MemoryError as err:
         full_load = f"MemoryError ({err})"
@@ -114,6 +116,8 @@ def child(folder: Path, headroom: int, nprobe: int, k: int) -> None:
     def open_index():
         index = faiss_index.read_index(folder / "index.faiss")
         faiss_index.set_nprobe(index, nprobe)
+        if faiss_index.is_refined(index):
+            index.k_factor = k_factor
         return index
 
     def drop_from_page_cache(path: Path) -> None:
@@ -125,7 +129,9 @@ def child(folder: Path, headroom: int, nprobe: int, k: int) -> None:
 
     cold, ids, dist = [], [], []
     for q in queries:
-        drop_from_page_cache(folder / "index.ivfdata")
+        for name in ("index.ivfdata", "index.refine.npy"):
+            if (folder / name).exists():
+                drop_from_page_cache(folder / name)
         index = open_index()
         started = time.perf_counter()
         d, i = index.search(q[None], k)
@@ -169,12 +175,15 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--headroom-mb", type=int, default=128)
+    parser.add_argument("--refine", default="none", help="none | SQ8 | SQfp16 | Flat: refine codes beside the lists, "
+                        "memory-mapped (index.refine.npy); the reference is the same shards merged in memory")
+    parser.add_argument("--k-factor", type=float, default=4)
     parser.add_argument("--threads", type=int, default=0, help="FAISS threads while building (0: FAISS's default)")
     parser.add_argument("--folder", type=Path, default=None, help="work folder (default: a temporary one, removed)")
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        child(args.child, args.headroom_mb << 20, args.nprobe, args.k)
+        child(args.child, args.headroom_mb << 20, args.nprobe, args.k, args.k_factor)
         return
 
     if args.threads:
@@ -186,7 +195,7 @@ def main() -> None:
         times = build(args, folder)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
         out = subprocess.run([sys.executable, __file__, "--child", str(folder), "--headroom-mb", str(args.headroom_mb),
-                              "--nprobe", str(args.nprobe), "--k", str(args.k)],
+                              "--nprobe", str(args.nprobe), "--k", str(args.k), "--k-factor", str(args.k_factor)],
                              env=env, capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         mib = lambda n: f"{n / 2**20:,.0f} MiB"  # noqa: E731

@@ -200,8 +200,7 @@ def test_index_configs_share_every_key():
 @pytest.mark.parametrize("overrides, error, message", [
     (["index=flat", "index.on_disk=true"], IndexConfigError, "shards=1 and on_disk=true need kind=ivfpq"),
     (["index=pq", "index.shards=4"], IndexConfigError, "shards=4 and on_disk=false need kind=ivfpq"),
-    (["index=ivfpq", "index.on_disk=true", "index.refine=SQ8"], IndexConfigError,
-     "refine=SQ8 keeps its codes in memory by row number, so it cannot be sharded or on disk"),
+    (["index=flat", "index.refine=SQ8"], ConfigError, "index.refine=SQ8: needs a quantised index"),
     (["index=ivfpq", "index.shards=4", "index.shard=1"], ConfigError, "index.shard=1 applies to task=index only"),
     (["index=ivfpq", "task=index", "index.shard=0"], ConfigError, "needs a sharded index"),
     (["index=ivfpq", "task=index", "index.shards=4", "index.shard=4"], ConfigError, r"null, train or 0\.\.3, got 4"),

@@ -3,7 +3,8 @@
 A bundle folder (``faiss_indices/search/<name>-<key>/``, ``indexing.bundle_folder``) holds::
 
     current.json                {"format": 1, "build": "build-<id>", "manifest_sha256": "<hex>"}
-    build-<id>/index.faiss      the FAISS index (+ index.ivfdata, its inverted lists, when on disk)
+    build-<id>/index.faiss      the FAISS index (+ index.ivfdata, its inverted lists, when on disk;
+                                + index.refine.faiss/.npy, refine quantizer and codes, when sharded and refined)
     build-<id>/gallery.npz      gallery ids and paths; per index row its image, box (and id when sharded)
     build-<id>/manifest.json    format, every part's size and sha256 (the ivfdata: size only), counts
     .lock                       taken by writers only
@@ -75,9 +76,10 @@ def write_bundle(folder: Path, index: faiss.Index, gallery: dict[str, np.ndarray
             faiss_index.write_index(index, build / "index.faiss")  # on disk: index.faiss + index.ivfdata
             save_arrays(build / "gallery.npz", **gallery)
             parts = {name: {"size": (build / name).stat().st_size, "sha256": sha256_of(build / name)}
-                     for name in ("index.faiss", "gallery.npz")}
-            if (build / "index.ivfdata").exists():  # may be huge: its size is checked, not its hash
-                parts["index.ivfdata"] = {"size": (build / "index.ivfdata").stat().st_size}
+                     for name in ("index.faiss", "gallery.npz", "index.refine.faiss") if (build / name).exists()}
+            for name in ("index.ivfdata", "index.refine.npy"):  # may be huge: their size is checked, not their hash
+                if (build / name).exists():
+                    parts[name] = {"size": (build / name).stat().st_size}
             manifest = json.dumps({"format": BUNDLE_FORMAT, "parts": parts, "counts": _counts(gallery, index)},
                                   indent=1, sort_keys=True)
             atomic_write_text(build / "manifest.json", manifest)

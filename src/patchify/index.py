@@ -13,8 +13,10 @@ A quantised index may carry a refine stage (``refine``: ``SQ8``, ``SQfp16`` or
 ``Flat``; factory suffix ``,Refine(...)``): every vector is also stored with
 finer codes, and a search re-scores the ``k_factor * k`` best PQ candidates
 with them. It buys back PQ's loss for ``d`` (SQ8), ``2d`` or ``4d`` bytes
-per vector (docs/BENCHMARKS.md). The refine codes are kept by row number, in
-memory, so a refined index is neither sharded nor on disk.
+per vector (docs/BENCHMARKS.md). A one-file index uses FAISS's ``IndexRefine``
+(codes in RAM, by row number). A sharded or on-disk index keeps them in
+``<name>.refine.npy`` beside its inverted lists (one row per index id), read
+through a memory map by :class:`MappedRefine`: RAM stays the PQ index's.
 
 ``metric`` is ``IP`` (inner product, higher is better) or ``L2`` (FAISS
 returns *squared* L2 distances, lower is better).
@@ -30,6 +32,7 @@ index may be larger than RAM.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import shutil
 from dataclasses import dataclass
@@ -177,18 +180,24 @@ def create_index(spec: IndexSpec, d: int) -> faiss.Index:
 
 def quantised_part(index: faiss.Index) -> faiss.Index:
     """The PQ or IVF-PQ index itself: ``index``, or the base of a refined index."""
+    if isinstance(index, MappedRefine):
+        return index.base
     return faiss.downcast_index(faiss.downcast_index(index).base_index) if is_refined(index) else index
 
 
 def is_refined(index: faiss.Index) -> bool:
-    """True when ``index`` re-scores its candidates with a refine stage (``IndexRefine``)."""
+    """True when ``index`` re-scores its candidates with a refine stage (``IndexRefine`` or :class:`MappedRefine`)."""
+    if isinstance(index, MappedRefine):
+        return True
     return not is_gpu_index(index) and isinstance(faiss.downcast_index(index), faiss.IndexRefine)
 
 
 def set_search_params(index: faiss.Index, spec: IndexSpec) -> None:
     """Apply the search-time settings of ``spec``: ``nprobe`` (IVF) and ``k_factor`` (refined index)."""
     set_nprobe(index, spec.nprobe)
-    if is_refined(index):
+    if isinstance(index, MappedRefine):
+        index.k_factor = float(spec.k_factor)
+    elif is_refined(index):
         faiss.downcast_index(index).k_factor = float(spec.k_factor)
 
 
@@ -279,6 +288,7 @@ def is_gpu_index(index: faiss.Index) -> bool:
 
 def _nlist(index: faiss.Index) -> int | None:
     """Number of inverted lists, or None for a non-IVF index."""
+    index = index.base if isinstance(index, MappedRefine) else index
     if is_gpu_index(index):
         return getattr(index, "nlist", None)
     ivf = faiss.try_extract_index_ivf(index)
@@ -302,7 +312,7 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
     if is_gpu_index(index):
         faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
     else:
-        faiss.extract_index_ivf(index).nprobe = nprobe
+        faiss.extract_index_ivf(index.base if isinstance(index, MappedRefine) else index).nprobe = nprobe
 
 
 def to_cpu(index: faiss.Index) -> faiss.Index:
@@ -329,6 +339,7 @@ def ivfdata_path(path: Path) -> Path:
 
 def _on_disk_lists(index: faiss.Index):
     """The ``OnDiskInvertedLists`` of ``index``, or None."""
+    index = index.base if isinstance(index, MappedRefine) else index
     ivf = None if is_gpu_index(index) else faiss.try_extract_index_ivf(index)
     if ivf is None:
         return None
@@ -378,16 +389,17 @@ def write_index(index: faiss.Index, path: Path) -> None:
     copy of) its current lists.
     """
     path = Path(path)
+    if isinstance(index, MappedRefine):
+        _write_refined(index, path)
+        return
     on_disk = is_on_disk(index)
     tmp = tmp_path_for(ivfdata_path(path) if on_disk else path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         sweep_temporaries(path.parent)
+        _remove_refine(path)  # the refine codes of a refined index this file replaces
         if on_disk:
-            try:
-                os.link(_on_disk_lists(index).filename, tmp)
-            except OSError:
-                shutil.copyfile(_on_disk_lists(index).filename, tmp)
+            _link_or_copy(_on_disk_lists(index).filename, tmp)
             _commit_on_disk(index, path, lists_tmp=tmp)
             return
         faiss.write_index(to_cpu(index), str(tmp))
@@ -398,6 +410,14 @@ def write_index(index: faiss.Index, path: Path) -> None:
         raise IndexConfigError(f"{path}: cannot write index ({_reason(e)}); nothing was replaced") from None
     finally:
         discard(tmp)
+
+
+def _link_or_copy(source: str | Path, target: Path) -> None:
+    """``target`` as a hard link to ``source``, or (across file systems) a copy of it."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def read_index(path: Path, mmap: bool = False) -> faiss.Index:
@@ -411,11 +431,18 @@ def read_index(path: Path, mmap: bool = False) -> faiss.Index:
     file and IndexConfigError naming the file when it is not a readable FAISS
     index (e.g. truncated) or its lists are missing or short. FAISS's mmap
     reader may miss a file short of only its last few bytes; complete files
-    are guaranteed by the atomic rename of :func:`write_index`.
+    are guaranteed by the atomic rename of :func:`write_index`. A refine stage
+    beside ``path`` (``<name>.refine.faiss`` + ``<name>.refine.npy``) makes it a
+    :class:`MappedRefine`, codes memory-mapped; short codes are an IndexConfigError.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such index file")
+    index = _read_base(path, mmap)
+    return read_refine(path, index) if refine_quantizer_path(path).is_file() else index
+
+
+def _read_base(path: Path, mmap: bool) -> faiss.Index:
     flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
     try:
         if ivfdata_path(path).is_file():  # read the quantizers, then map the lists beside them
@@ -438,6 +465,217 @@ def _map_lists(path: Path, lists) -> None:
         raise IndexConfigError(f"{data}: truncated inverted lists ({data.stat().st_size:,} of {lists.totsize:,} bytes)")
     lists.filename = str(data.resolve())
     lists.do_mmap()
+
+
+def refine_codes_path(path: Path) -> Path:
+    """Refine codes of the sharded/on-disk index ``<name>.faiss``: ``<name>.refine.npy``, one row per index id."""
+    return Path(path).with_suffix(".refine.npy")
+
+
+def refine_quantizer_path(path: Path) -> Path:
+    """The trained, empty refine index (its scalar quantizer) of ``<name>.faiss``: ``<name>.refine.faiss``."""
+    return Path(path).with_suffix(".refine.faiss")
+
+
+def shard_refine_path(path: Path) -> Path:
+    """Refine codes of shard file ``<shard>.faiss``, with the ids they belong to: ``<shard>.refine-shard.npy``."""
+    return Path(path).with_suffix(".refine-shard.npy")
+
+
+class MappedRefine:
+    """An IVF-PQ index whose shortlist is re-scored with refine codes read through a memory map.
+
+    FAISS's ``IndexRefine`` does the same re-scoring but keeps its refine index, codes included, in RAM
+    (``d`` bytes per patch for SQ8: 11.5 KB per image at 30 patches, 5x the PQ index's), addressed by row
+    number, and can be neither merged from shards nor memory-mapped. This is the thinnest layer over FAISS's
+    pieces that avoids that: the base index (FAISS, inverted lists on disk or not) returns
+    ``int(k * k_factor)`` candidates as ``IndexRefine`` asks of its base; their rows of ``codes``
+    (``<name>.refine.npy``, uint8, one row per index id, memory-mapped so only the shortlist's pages are
+    read) are decoded by the refine index's own ``sa_decode`` (FAISS's ScalarQuantizer, or raw floats for
+    ``Flat``) and scored exactly against the query; the best ``k`` are kept. Same results as ``IndexRefine``
+    with the same quantizer (to float rounding). Quacks as a FAISS index for :func:`search.search_images`:
+    ``d``, ``ntotal``, ``metric_type``, ``search``.
+    """
+
+    def __init__(self, base: faiss.Index, quantizer: faiss.Index, codes: np.ndarray, k_factor: float = 4.0,
+                 codes_path: Path | None = None):
+        self.base, self.quantizer, self.codes, self.k_factor = base, quantizer, codes, float(k_factor)
+        self.codes_path = codes_path
+
+    @property
+    def d(self) -> int:
+        return int(self.base.d)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.base.ntotal)
+
+    @property
+    def metric_type(self) -> int:
+        return self.base.metric_type
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.base.is_trained)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS-style ``(distances, ids)``, (nq, k) each: inner products (IP) or squared L2, id -1 for none."""
+        x = _as_matrix(queries, self.d)
+        k_base = max(int(k), int(k * self.k_factor))
+        _, labels = self.base.search(x, k_base)
+        found = labels >= 0
+        ids = labels[found]
+        if ids.size and int(ids.max()) >= len(self.codes):
+            raise IndexConfigError(f"{self.codes_path}: holds refine codes for {len(self.codes):,} ids, the index "
+                                   f"returned id {int(ids.max()):,}; the two files belong to different indexes")
+        ip = self.metric_type == faiss.METRIC_INNER_PRODUCT
+        worst = np.float32(-np.finfo(np.float32).max if ip else np.finfo(np.float32).max)
+        dist = np.full(labels.shape, worst, dtype=np.float32)
+        for i, query in enumerate(x):  # each query its own shortlist: decode each row once, one mat-vec
+            if not found[i].any():
+                continue
+            rows, where = np.unique(labels[i][found[i]], return_inverse=True)  # sorted: file order
+            vectors = self.quantizer.sa_decode(np.ascontiguousarray(self.codes[rows]))
+            scores = vectors @ query if ip else np.square(vectors - query).sum(axis=1)
+            dist[i, found[i]] = scores[where]
+        order = np.argsort(-dist if ip else dist, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(dist, order, axis=1), np.take_along_axis(labels, order, axis=1)
+
+
+def refine_parts(index: faiss.Index) -> tuple[faiss.Index, faiss.Index | None]:
+    """``(base, refine index)`` of a trained ``IndexRefine`` (the refine index cloned, empty); ``(index, None)`` else."""
+    if not is_refined(index) or isinstance(index, MappedRefine):
+        return index, None
+    refine = faiss.clone_index(faiss.downcast_index(faiss.downcast_index(index).refine_index))
+    refine.reset()
+    return faiss.clone_index(quantised_part(index)), refine
+
+
+def encode_refine_rows(quantizer: faiss.Index, vectors: np.ndarray, ids: np.ndarray, path: Path) -> None:
+    """Write the refine codes of ``vectors`` (rows ``ids``) to ``path``: a structured .npy of ``id`` and
+    ``code`` per row, encoded chunk by chunk by the refine index's ``sa_encode``; atomic."""
+    x, ids = np.asarray(vectors), np.asarray(ids, dtype=np.int64)
+    dtype = np.dtype([("id", "<i8"), ("code", "u1", (quantizer.sa_code_size(),))])
+    tmp = tmp_path_for(path)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(x),))
+        step = max(1, _ADD_CHUNK_BYTES // (4 * quantizer.d))
+        for lo in range(0, len(x), step):
+            out["id"][lo : lo + step] = ids[lo : lo + step]
+            out["code"][lo : lo + step] = quantizer.sa_encode(_as_matrix(x[lo : lo + step], quantizer.d))
+        out.flush()
+        del out
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise IndexConfigError(f"{path}: cannot write refine codes ({_reason(e)}); nothing was replaced") from None
+    finally:
+        discard(tmp)
+
+
+def _load_codes(path: Path, dtype: np.dtype | None = None) -> np.ndarray:
+    """The .npy ``path``, memory-mapped read-only; IndexConfigError naming it when missing, short or not .npy."""
+    if not path.is_file():
+        raise IndexConfigError(f"{path}: refine codes missing; move the index files together or rebuild the index")
+    try:
+        codes = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # e.g. "mmap length is greater than file size"
+        raise IndexConfigError(f"{path}: truncated or unreadable refine codes ({_reason(e)}); rebuild the index") from None
+    if dtype is not None and codes.dtype != dtype:
+        raise IndexConfigError(f"{path}: refine codes of dtype {codes.dtype}, expected {dtype}; rebuild the index")
+    return codes
+
+
+def merge_refine_codes(quantizer: faiss.Index, shard_paths: list[Path], path: Path) -> None:
+    """Join the shards' refine codes into ``<path>.refine.npy`` (row = index id, ids without a vector zero)
+    and write the quantizer ``<path>.refine.faiss`` last, which marks the refine stage complete."""
+    code_size = quantizer.sa_code_size()
+    dtype = np.dtype([("id", "<i8"), ("code", "u1", (code_size,))])
+    shards = [_load_codes(shard_refine_path(p), dtype) for p in map(Path, shard_paths)]
+    rows = max((int(s["id"].max()) + 1 for s in shards if len(s)), default=0)
+    tmp = tmp_path_for(refine_codes_path(path))
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(rows, code_size))
+        step = max(1, _ADD_CHUNK_BYTES // max(code_size, 1))
+        for shard in shards:
+            for lo in range(0, len(shard), step):
+                chunk = shard[lo : lo + step]
+                out[chunk["id"]] = chunk["code"]
+        out.flush()
+        del out, shards
+        _fsync(tmp)
+        os.replace(tmp, refine_codes_path(path))
+        _write_quantizer(quantizer, path)
+    except (RuntimeError, OSError) as e:
+        raise IndexConfigError(f"{path}: cannot merge refine codes ({_reason(e)}); nothing was replaced") from None
+    finally:
+        discard(tmp)
+
+
+def _write_quantizer(quantizer: faiss.Index, path: Path) -> None:
+    tmp = tmp_path_for(refine_quantizer_path(path))
+    try:
+        faiss.write_index(quantizer, str(tmp))
+        _fsync(tmp)
+        os.replace(tmp, refine_quantizer_path(path))
+    finally:
+        discard(tmp)
+
+
+def _write_refined(index: MappedRefine, path: Path) -> None:
+    """The base index at ``path``, then beside it its refine codes (a hard link to, or copy of, the mapped
+    file, taken first: ``path`` may be the index's own file) and last the quantizer, whose file marks the
+    refine stage complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(refine_codes_path(path))
+    try:
+        try:
+            _link_or_copy(index.codes_path, tmp)
+            _fsync(tmp)
+        except OSError as e:
+            raise IndexConfigError(f"{path}: cannot write refine codes ({_reason(e)}); nothing was replaced") from None
+        write_index(index.base, path)
+        try:
+            os.replace(tmp, refine_codes_path(path))
+            _write_quantizer(index.quantizer, path)
+        except (RuntimeError, OSError) as e:
+            raise IndexConfigError(f"{path}: cannot write refine codes ({_reason(e)})") from None
+    finally:
+        discard(tmp)
+
+
+def _remove_refine(path: Path) -> None:
+    """Remove the refine stage beside ``path`` (quantizer first: without it the codes are never read)."""
+    refine_quantizer_path(path).unlink(missing_ok=True)
+    refine_codes_path(path).unlink(missing_ok=True)
+
+
+def read_refine(path: Path, base: faiss.Index) -> MappedRefine:
+    """``base`` (read from ``path``) with the refine stage beside it: codes memory-mapped, checked against it."""
+    quantizer_path, codes_path = refine_quantizer_path(path), refine_codes_path(path)
+    try:
+        quantizer = faiss.read_index(str(quantizer_path))
+    except RuntimeError as e:
+        raise IndexConfigError(f"{quantizer_path}: not a readable refine quantizer ({_reason(e)})") from None
+    codes = _load_codes(codes_path, np.dtype(np.uint8))
+    shape = (quantizer.sa_code_size(),)
+    if quantizer.d != base.d or quantizer.metric_type != base.metric_type:
+        raise IndexConfigError(f"{quantizer_path}: refine quantizer of d={quantizer.d} does not match index {path.name} "
+                               f"(d={base.d}); rebuild the index")
+    if codes.ndim != 2 or codes.shape[1:] != shape or len(codes) < base.ntotal:
+        raise IndexConfigError(f"{codes_path}: refine codes of shape {codes.shape} cannot hold {base.ntotal:,} vectors "
+                               f"of {shape[0]} bytes; rebuild the index")
+    _read_at_random(codes)
+    return MappedRefine(base, quantizer, codes, codes_path=codes_path.resolve())
+
+
+def _read_at_random(codes: np.ndarray) -> None:
+    """Tell the kernel the mapped ``codes`` are read at random rows (``MADV_RANDOM``): a shortlist row lies
+    in one page, and the default readahead around each fault reads many pages that no query asked for."""
+    mapping = getattr(codes, "_mmap", None)
+    if mapping is not None and hasattr(mmap, "MADV_RANDOM"):
+        mapping.madvise(mmap.MADV_RANDOM)
 
 
 def _require_empty_ivf(index: faiss.Index, path: Path) -> None:
@@ -466,14 +704,30 @@ def populate_shard(trained_path: Path, vectors: np.ndarray, ids: np.ndarray, pat
     A shard needs nothing but the trained index and its own vectors and global
     ids, so separate processes or machines can fill shards independently;
     :func:`merge_shards` joins them. The write is atomic. Returns the number
-    of vectors in the shard.
+    of vectors in the shard. A refined index's shard also writes its refine codes, with their ids, to
+    ``<shard>.refine-shard.npy`` (first: the shard file marks the shard complete).
     """
-    index = read_index(trained_path)
+    index, refine = refine_parts(read_index(trained_path))
     _require_empty_ivf(index, trained_path)
+    if refine is not None:
+        encode_refine_rows(refine, vectors, ids, shard_refine_path(path))
     index = to_device(index, use_gpu)
     add_with_ids(index, vectors, ids)
     write_index(index, path)
     return int(index.ntotal)
+
+
+def shard_is_complete(path: Path, expected: int, refined: bool = False) -> bool:
+    """True when shard file ``path`` holds ``expected`` vectors and, when ``refined``, as many refine codes."""
+    if read_index(path, mmap=True).ntotal != expected:
+        return False
+    codes = shard_refine_path(path)
+    if not refined:
+        return True
+    try:
+        return len(_load_codes(codes)) == expected
+    except IndexConfigError:
+        return False
 
 
 def merge_shards(trained_path: Path, shard_paths: list[Path], path: Path, on_disk: bool = True) -> faiss.Index:
@@ -485,9 +739,11 @@ def merge_shards(trained_path: Path, shard_paths: list[Path], path: Path, on_dis
     exceed RAM. Otherwise the lists are merged in memory into an ordinary
     index file. Every shard must have been filled from the same trained index
     (same shape and centroids); otherwise IndexConfigError names the shard.
+    A refined trained index (``IndexRefine``) also joins the shards' refine codes into
+    ``<name>.refine.npy`` (:func:`merge_refine_codes`); the result is then a :class:`MappedRefine`.
     """
     path, trained_path = Path(path), Path(trained_path)
-    trained = read_index(trained_path)
+    trained, refine = refine_parts(read_index(trained_path))
     _require_empty_ivf(trained, trained_path)
     shape, centroids = _trained_state(trained)
     for shard in map(Path, shard_paths):
@@ -499,15 +755,29 @@ def merge_shards(trained_path: Path, shard_paths: list[Path], path: Path, on_dis
         if state[1] != centroids:
             raise IndexConfigError(f"{shard}: populated from another trained index than {trained_path.name} "
                                    "(centroids differ); delete the shard to populate it again")
+        if refine is not None and not shard_is_complete(shard, read_index(shard, mmap=True).ntotal, refined=True):
+            raise IndexConfigError(f"{shard_refine_path(shard)}: refine codes do not match shard {shard.name}; "
+                                   "delete the shard to populate it again")
     if not on_disk:
         for shard in shard_paths:
             trained.merge_from(read_index(shard), 0)
         write_index(trained, path)
+    else:
+        _merge_on_disk(trained, shard_paths, path)
+        trained = read_index(path)
+    if refine is None:
         return trained
+    merge_refine_codes(refine, shard_paths, path)
+    return read_index(path)
+
+
+def _merge_on_disk(trained: faiss.Index, shard_paths: list[Path], path: Path) -> None:
+    """FAISS's ``merge_ondisk`` of the shards into ``path`` + ``<name>.ivfdata``, committed atomically."""
     lists_tmp = tmp_path_for(ivfdata_path(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         sweep_temporaries(path.parent)
+        _remove_refine(path)
         merge_ondisk(trained, [str(shard) for shard in shard_paths], str(lists_tmp))
         _commit_on_disk(trained, path, lists_tmp)
     except (RuntimeError, OSError) as e:  # e.g. no space left on device
@@ -515,7 +785,6 @@ def merge_shards(trained_path: Path, shard_paths: list[Path], path: Path, on_dis
     finally:
         del trained  # unmaps the lists written
         discard(lists_tmp)
-    return read_index(path)
 
 
 def gpu_available() -> bool:
@@ -567,7 +836,10 @@ def to_device(index: faiss.Index, use_gpu: bool) -> faiss.Index:
 
 
 def index_nbytes(index: faiss.Index) -> int:
-    """Serialised size in bytes (the file size ``write_index`` would give, plus the ``.ivfdata`` of an on-disk index)."""
+    """Serialised size in bytes (the file size ``write_index`` would give, plus the ``.ivfdata`` of an on-disk index
+    and the refine codes of a :class:`MappedRefine`)."""
+    if isinstance(index, MappedRefine):
+        return index_nbytes(index.base) + int(index.codes.nbytes) + int(faiss.serialize_index(index.quantizer).nbytes)
     lists = _on_disk_lists(index)
     return int(faiss.serialize_index(to_cpu(index)).nbytes) + (int(lists.totsize) if lists is not None else 0)
 

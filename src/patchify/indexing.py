@@ -64,18 +64,17 @@ def training_sample(vectors: np.ndarray, limit: int, seed: int) -> np.ndarray:
 
 
 def index_layout(cfg: DictConfig) -> tuple[int, bool]:
-    """``(index.shards, index.on_disk)`` of the index config; both need inverted lists (``kind=ivfpq``)."""
+    """``(index.shards, index.on_disk)`` of the index config; both need inverted lists (``kind=ivfpq``).
+
+    A refined sharded or on-disk index keeps its refine codes beside the lists, memory-mapped
+    (``index.MappedRefine``); a one-file index uses FAISS's in-RAM ``IndexRefine``.
+    """
     shards, on_disk = int(cfg.get("shards", 1)), bool(cfg.get("on_disk", False))
     if shards < 1:
         raise faiss_index.IndexConfigError(f"index: shards={shards} must be >= 1")
     if (shards > 1 or on_disk) and str(cfg.kind).lower() != "ivfpq":
         raise faiss_index.IndexConfigError(f"index: shards={shards} and on_disk={str(on_disk).lower()} need "
                                            f"kind=ivfpq (inverted lists), got kind={cfg.kind}")
-    refine = index_spec(cfg).refine
-    if (shards > 1 or on_disk) and refine != "none":
-        raise faiss_index.IndexConfigError(f"index: refine={refine} keeps its codes in memory by row number, so it "
-                                           f"cannot be sharded or on disk (shards={shards}, on_disk="
-                                           f"{str(on_disk).lower()}); use refine=none or shards=1 on_disk=false")
     return shards, on_disk
 
 
@@ -115,6 +114,7 @@ class IndexFiles:
     shard_stem: str
     shards: int
     on_disk: bool
+    refined: bool = False  # refine codes beside the lists (shard and merged files)
 
     @property
     def sharded(self) -> bool:
@@ -144,7 +144,8 @@ def index_files(cfg: DictConfig, model_fingerprint: dict, gallery: list[ImageRec
         populated_fields = {**shard_fields, "on_disk": on_disk}
     return IndexFiles(trained=folder / f"{name}-{content_key(train_fields)}.trained.faiss", train_levels=train_levels,
                       populated=folder / f"{stem}-{content_key(populated_fields)}.populated.faiss",
-                      shard_stem=f"{stem}-{content_key(shard_fields)}", shards=shards, on_disk=on_disk)
+                      shard_stem=f"{stem}-{content_key(shard_fields)}", shards=shards, on_disk=on_disk,
+                      refined=spec.refine != "none")
 
 
 def index_on_gpu(cfg: DictConfig) -> bool:
@@ -182,11 +183,10 @@ def populate_index_shard(files: IndexFiles, shard: int, patches: PatchFeatures, 
     """Fill shard file ``shard`` with ``patches`` (image indices in the whole gallery), unless already done."""
     path = files.shard(shard)
     if path.exists():
-        found = faiss_index.read_index(path, mmap=True).ntotal
-        if found == len(patches.vectors):
-            logger.info(f"index: reused shard {path.name} ({found:,} vectors)")
+        if faiss_index.shard_is_complete(path, len(patches.vectors), refined=files.refined):
+            logger.info(f"index: reused shard {path.name} ({len(patches.vectors):,} vectors)")
             return
-        logger.warning(f"{path}: stale shard ({found} vectors, expected {len(patches.vectors)}); populating it again")
+        logger.warning(f"{path}: stale shard (expected {len(patches.vectors)} vectors); populating it again")
     started = time.perf_counter()
     added = faiss_index.populate_shard(files.trained, patches.vectors, patch_ids(patches, levels), path,
                                        use_gpu=use_gpu)
@@ -211,8 +211,9 @@ def build_index(cfg: DictConfig, source: FeatureSource, gallery: list[ImageRecor
         return faiss_index.to_device(index, use_gpu)
     files = index_files(cfg, source.model.fingerprint, gallery, levels, dim, source.keys)
     if files.populated.exists():
-        index = faiss_index.read_index(files.populated)  # on-disk lists are mapped, not loaded
-        if index.ntotal == len(patches.vectors) and index.d == dim:
+        index = faiss_index.read_index(files.populated)  # on-disk lists and refine codes are mapped, not loaded
+        if index.ntotal == len(patches.vectors) and index.d == dim and \
+                faiss_index.is_refined(index) == (spec.refine != "none"):  # a merge killed before its refine codes
             logger.info(f"index: reused {files.populated.name} ({index.ntotal:,} vectors)")
             return faiss_index.to_device(index, use_gpu)
         logger.warning(f"{files.populated}: stale index ({index.ntotal} vectors, expected {len(patches.vectors)}); "
