@@ -68,7 +68,7 @@ CATEGORIES = ("input", "setting", "fault", "concurrency", "cache")
 FAST_MAX_COST = 20  # --fast: cases that typically take at most this many seconds
 # tests/test_robustness.py: the issue's one-command cases and one case of each other mechanism (~3 min)
 TEST_CASES = ("pyramid-level-7", "pyramid-level-abc", "model-layer-99", "batch-size-zero", "num-workers-negative",
-              "eval-k-zero", "flag-tile-size-res-abc", "iou-threshold-banana", "compute-metrics-bogus",
+              "eval-k-negative", "flag-tile-size-res-abc", "iou-threshold-banana", "compute-metrics-bogus",
               "readonly-dataset-root", "unwritable-new-store-parent", "annotation-positive-without-bbox",
               "annotation-query-without-pos", "tilde-root", "path-parens-unquoted", "asset-unpack-race",
               "zero-byte-file", "decompression-bomb-header", "tiny-image-for-level", "gallery-junk-entries",
@@ -958,7 +958,9 @@ setting_case("batch-size-zero", "extract.batch_size=0 (ZeroDivisionError)", "ext
              ("extract.batch_size", "0"), issue=True)
 setting_case("num-workers-negative", "extract.num_workers=-1", "extract.num_workers=-1", ("extract.num_workers", "-1"),
              issue=True)
-setting_case("eval-k-zero", "eval.k=0", "eval.k=0", ("eval.k", "0"), issue=True)
+# issue 12 named eval.k=0; since issue 16, 0 means "rank the whole gallery" (the revisited protocols), so the
+# invalid value checked is -1
+setting_case("eval-k-negative", "eval.k=-1 (0 ranks the whole gallery)", "eval.k=-1", ("eval.k", "-1"), issue=True)
 
 
 @case("flag-tile-size-res-abc", "setting", "reference flag --tile_size_res abc", issue=True, cost=5)

@@ -66,3 +66,18 @@ def skimage_photos(*names: str) -> list[Image.Image]:
     except AssetError as err:  # pragma: no cover - depends on the registry
         pytest.skip(f"no photos: {err}")
     return [Image.open(root / name).convert("RGB") for name in names]
+
+
+def random_gallery_patches(images: int, levels: list[int], dim: int, seed: int = 0,
+                           unreadable: tuple[int, ...] = ()):
+    """Random unit patch vectors laid out as extraction lays them out (level by level, image by image, cells
+    row-major), ``unreadable`` images left out (gaps in the ids of a sharded index); zero boxes."""
+    from patchify.extraction import PatchFeatures
+
+    rng = np.random.default_rng(seed)
+    kept = [i for i in range(images) if i not in unreadable]
+    image = np.concatenate([np.repeat(kept, (level + 1) ** 2) for level in levels]).astype(np.int64)
+    level = np.concatenate([np.full(len(kept) * (level + 1) ** 2, level) for level in levels]).astype(np.int8)
+    vectors = rng.standard_normal((len(image), dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return PatchFeatures(vectors, image, np.zeros((len(image), 4), np.float32), level)

@@ -13,6 +13,7 @@ import faiss
 import numpy as np
 import pytest
 from conftest import ROOT, compose_config
+from fixtures import random_gallery_patches
 
 import patchify.index as faiss_index
 from patchify.extraction import PatchFeatures
@@ -31,14 +32,8 @@ pytestmark = pytest.mark.usefixtures("faiss_single_thread")
 
 
 def gallery_patches(seed: int = 0, unreadable: tuple[int, ...] = (3, 150, 151)) -> PatchFeatures:
-    """Patches as extraction lays them out: level by level, image by image, cells row-major; some images unreadable."""
-    rng = np.random.default_rng(seed)
-    images = [i for i in range(IMAGES) if i not in unreadable]
-    image = np.concatenate([np.repeat(images, (level + 1) ** 2) for level in LEVELS]).astype(np.int64)
-    level = np.concatenate([np.full(len(images) * (level + 1) ** 2, level) for level in LEVELS]).astype(np.int8)
-    vectors = rng.standard_normal((len(image), D)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    return PatchFeatures(vectors, image, np.zeros((len(image), 4), np.float32), level)
+    """Random patches of IMAGES images at LEVELS, some unreadable (gaps in the ids)."""
+    return random_gallery_patches(IMAGES, LEVELS, D, seed, unreadable)
 
 
 def train(path: Path, seed: int, spec: IndexSpec = SPEC) -> Path:

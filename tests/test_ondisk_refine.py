@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import compose_config
+from fixtures import random_gallery_patches
 
 import patchify.index as faiss_index
 from patchify.bundle import read_bundle, write_bundle
@@ -32,14 +33,8 @@ def spec_of(refine: str, metric: str = "IP") -> IndexSpec:
 
 
 def gallery(seed: int = 0, unreadable: tuple[int, ...] = (5, 100, 101)) -> PatchFeatures:
-    """Patches laid out as extraction does (level by level, image by image); some images unreadable (id gaps)."""
-    rng = np.random.default_rng(seed)
-    images = [i for i in range(IMAGES) if i not in unreadable]
-    image = np.concatenate([np.repeat(images, (level + 1) ** 2) for level in LEVELS]).astype(np.int64)
-    level = np.concatenate([np.full(len(images) * (level + 1) ** 2, level) for level in LEVELS]).astype(np.int8)
-    vectors = rng.standard_normal((len(image), D)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    return PatchFeatures(vectors, image, np.zeros((len(image), 4), np.float32), level)
+    """Random patches of IMAGES images at LEVELS, some unreadable (gaps in the ids)."""
+    return random_gallery_patches(IMAGES, LEVELS, D, seed, unreadable)
 
 
 def build(folder: Path, spec: IndexSpec, patches: PatchFeatures, shards: int = 3, on_disk: bool = True):
