@@ -103,6 +103,7 @@ def test_both_stages_in_search_read_vectors_and_skip_images_gone_from_disk(tmp_p
     assert written["rerank"]["refine_windows_encoded"] > 0
     missing = [hit for hit in results if hit["path"] == str(gone)]
     assert missing and missing[0]["missing"] and "inliers" not in missing[0]  # kept, unverified, said so
+    assert "outline" in results[0] and all(hit.get("verified") for hit in results if "outline" in hit)
     assert len(results) == 5
 
 

@@ -157,7 +157,7 @@ class BundleCandidates:
         result = ImageHits(hits.images.copy(), hits.scores.copy(), hits.patches.copy(), boxes)
         inliers = np.full((nq, k), -1, np.int64)
         outlines = np.full((nq, k, 4, 2), np.nan)
-        no_outline = outlines[0, 0]
+        no_outline = np.full((4, 2), np.nan)  # its own array: a view into outlines would take the first written
         images_array = np.asarray(images, np.int64)
         for q in range(nq):
             done = np.flatnonzero(out.hits.images[q] >= 0)
