@@ -23,7 +23,6 @@ codes are page cache, which the kernel may evict.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -36,17 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from image_search_overhead import D, PATCHES, proxy_index, unit  # noqa: E402
+from index_scale import drop_from_page_cache  # noqa: E402
 
 from patchify.index import read_refine  # noqa: E402
 from patchify.search import PatchOwners, search_images  # noqa: E402
-
-
-def drop_from_page_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def write_codes(path: Path, rows: int, seed: int) -> None:

@@ -42,6 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from index_scale import drop_from_page_cache  # noqa: E402  (benchmarks/ is this script's folder)
 from patchify import index as faiss_index  # noqa: E402
 
 
@@ -119,13 +120,6 @@ def child(folder: Path, headroom: int, nprobe: int, k: int, k_factor: float) -> 
         if faiss_index.is_refined(index):
             index.k_factor = k_factor
         return index
-
-    def drop_from_page_cache(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
     cold, ids, dist = [], [], []
     for q in queries:
