@@ -864,7 +864,7 @@ def _(ctx: Ctx) -> Outcome:
 
 
 @case("kill-leaves-temporaries", "fault", "jobs killed just before an index file's and a bundle file's rename: the "
-      "next run cleans the temporary files (faiss_indices/*.faiss.tmp-PID, bundle .gallery.npz.tmp-PID)", issue=True,
+      "next run cleans the temporary files (faiss_indices/*.faiss.tmp-PID, bundle build-* folders)", issue=True,
       cost=26)
 def _(ctx: Ctx) -> Outcome:
     photos = ctx.folder("photos", 8, seed=800)
@@ -1679,10 +1679,10 @@ def _(ctx: Ctx) -> Outcome:
     return _damaged_bundle(ctx, 3200, "index.faiss", Path.unlink, "task=index")
 
 
-@case("bundle-gallery-deleted", "fault", "the search bundle's gallery.npz deleted: search says to re-run task=index",
-      cost=11)
+@case("bundle-gallery-deleted", "fault", "the search bundle's gallery table (gallery/boxes.npy) deleted: search says "
+      "to re-run task=index", cost=11)
 def _(ctx: Ctx) -> Outcome:
-    return _damaged_bundle(ctx, 3300, "gallery.npz", Path.unlink, "task=index")
+    return _damaged_bundle(ctx, 3300, "boxes.npy", Path.unlink, "task=index")
 
 
 @case("bundle-index-garbage", "fault", "the search bundle's index.faiss overwritten with garbage: one line naming it",

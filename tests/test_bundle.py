@@ -45,8 +45,9 @@ def test_round_trip_and_manifest(tmp_path):
     assert read.build == build and _builds(tmp_path / "b") == [build.name]
     assert read.index.ntotal == 12 and np.array_equal(read.index.reconstruct_n(0, 12), vectors)
     assert all(np.array_equal(read.gallery[name], gallery[name]) for name in gallery)
-    assert read.manifest["counts"] == {"images": 4, "indexed_images": 4, "patches": 12, "ntotal": 12, "dim": 8}
-    assert set(read.manifest["parts"]) == {"index.faiss", "gallery.npz"}
+    assert read.manifest["counts"] == {"images": 4, "indexed_images": 4, "patches": 12, "ntotal": 12, "dim": 8,
+                                       "rows_by_image": True}
+    assert set(read.manifest["parts"]) == {"index.faiss", *(f"gallery/{name}.npy" for name in gallery)}
     pointer = json.loads((tmp_path / "b" / POINTER).read_text())
     assert pointer["build"] == build.name
 
@@ -68,9 +69,9 @@ def test_a_writer_killed_between_the_parts_leaves_the_previous_bundle(tmp_path, 
     new_index, new_gallery, _ = _parts(rows=16, seed=1)
 
     def killed(*args, **kwargs):
-        raise KeyboardInterrupt  # after index.faiss was written, before gallery.npz
+        raise KeyboardInterrupt  # after index.faiss was written, before the gallery arrays
 
-    monkeypatch.setattr(bundle_module, "save_arrays", killed)
+    monkeypatch.setattr(bundle_module, "_save_gallery", killed)
     with pytest.raises(KeyboardInterrupt):
         write_bundle(tmp_path / "b", new_index, new_gallery)
     read = read_bundle(tmp_path / "b", dim=8)
@@ -127,7 +128,7 @@ def test_a_reader_whose_build_is_replaced_while_it_opens_it_reads_the_new_one(tm
     assert not first.exists() and read.build == builds[0] and read.index.ntotal == 16
 
 
-@pytest.mark.parametrize("part", ["gallery.npz", "index.faiss", "manifest.json"])
+@pytest.mark.parametrize("part", ["gallery/boxes.npy", "index.faiss", "manifest.json"])
 def test_a_swapped_or_edited_part_is_refused_in_one_line(tmp_path, part):
     index, gallery, _ = _parts(seed=0)
     build = write_bundle(tmp_path / "b", index, gallery)
@@ -142,11 +143,11 @@ def test_parts_that_disagree_with_each_other_are_refused(tmp_path):
     """A manifest consistent with its parts, but parts that disagree (as a buggy writer would leave)."""
     index, gallery, _ = _parts()
     build = write_bundle(tmp_path / "b", index, gallery)
-    save_arrays(build / "gallery.npz", **{**gallery, "patch_image": gallery["patch_image"][:-1],
-                                          "boxes": gallery["boxes"][:-1]})
     manifest = json.loads((build / "manifest.json").read_text())
-    manifest["parts"]["gallery.npz"] = {"size": (build / "gallery.npz").stat().st_size,
-                                        "sha256": bundle_module.sha256_of(build / "gallery.npz")}
+    for name in ("patch_image", "boxes"):
+        part = f"gallery/{name}.npy"
+        np.save(build / part, gallery[name][:-1])
+        manifest["parts"][part] = {"size": (build / part).stat().st_size, "sha256": bundle_module.sha256_of(build / part)}
     text = json.dumps(manifest, indent=1, sort_keys=True)
     (build / "manifest.json").write_text(text)
     pointer = json.loads((tmp_path / "b" / POINTER).read_text())
@@ -162,12 +163,45 @@ def test_a_model_of_another_dimension_is_refused(tmp_path):
         read_bundle(tmp_path / "b", dim=16)
 
 
-@pytest.mark.parametrize("text", ["{", "[]", '{"format": 99, "build": "build-x"}', '{"format": 1, "build": "../x"}'])
+@pytest.mark.parametrize("text", ["{", "[]", '{"format": 99, "build": "build-x"}', '{"format": 2, "build": "../x"}'])
 def test_a_bad_pointer_is_refused(tmp_path, text):
     write_bundle(tmp_path / "b", *_parts()[:2])
     (tmp_path / "b" / POINTER).write_text(text)
     with pytest.raises(CacheError, match="re-run task=index"):
         read_bundle(tmp_path / "b", dim=8)
+
+
+def test_a_format_1_bundle_is_refused_in_one_line(tmp_path):
+    """Format 1 kept the gallery in one gallery.npz: re-running task=index rebuilds it (features are cached)."""
+    build = write_bundle(tmp_path / "b", *_parts()[:2])
+    pointer = json.loads((tmp_path / "b" / POINTER).read_text())
+    (tmp_path / "b" / POINTER).write_text(json.dumps({**pointer, "format": 1}))
+    with pytest.raises(CacheError, match=r"bundle format 1 \(expected 2\); re-run task=index") as err:
+        read_bundle(tmp_path / "b", dim=8)
+    assert str(tmp_path / "b") in str(err.value) and build.exists()
+
+
+def test_large_gallery_arrays_are_mapped_not_read(tmp_path, monkeypatch):
+    """A serving process maps the gallery table: reading a bundle reads no array into memory (>= MAPPED_BYTES)."""
+    index, gallery, _ = _parts()
+    write_bundle(tmp_path / "b", index, gallery)
+    monkeypatch.setattr(bundle_module, "MAPPED_BYTES", 0)
+    read = read_bundle(tmp_path / "b", dim=8)
+    assert all(isinstance(read.gallery[name], np.memmap) for name in ("ids", "paths", "patch_image", "boxes"))
+    assert all(np.array_equal(read.gallery[name], gallery[name]) for name in gallery)
+
+
+def test_ids_image_times_p_plus_slot_are_recorded_and_checked(tmp_path):
+    """Sharded builds number patches image * P + slot: the manifest says P, so search needs no table; ids that
+    are not that (or not increasing) are refused when written."""
+    index, gallery, _ = _parts(rows=15, images=3)  # 3 images x 5 patches at levels 0, 1
+    gallery = {**gallery, "patch_image": np.array([0] * 5 + [2] * 5 + [3] * 5), "ids": np.asarray(list("abcd")),
+               "paths": np.asarray(list("abcd")), "patch_ids": np.r_[0:5, 10:15, 15:20]}  # image 1 unreadable
+    read = read_bundle(write_bundle(tmp_path / "b", index, gallery).parent, dim=8)
+    assert read.manifest["counts"]["patches_per_image"] == 5 and read.manifest["counts"]["indexed_images"] == 3
+    for wrong in (np.r_[0:5, 15:20, 10:15], np.r_[0:5, 11:16, 15:20]):
+        with pytest.raises(ValueError, match="not increasing image"):
+            write_bundle(tmp_path / "c", index, {**gallery, "patch_ids": wrong})
 
 
 def test_a_pointer_to_a_missing_build_is_refused(tmp_path):
@@ -224,7 +258,7 @@ def _top(tmp_path, folder, query, name) -> dict:
 
 def test_task_index_killed_after_the_index_file_keeps_answering_right(tmp_path, photos, monkeypatch):
     """The issue's case: an image renamed and re-extracted, task=index killed between index.faiss and
-    gallery.npz. Search still answers from the previous bundle, whole: the right file with its own box."""
+    the gallery arrays. Search still answers from the previous bundle, whole: the right file with its own box."""
     first = run(_config(tmp_path, photos, "task=index"), tmp_path / "index")
     query = sorted(photos.glob("*.jpg"))[2]
     before = _top(tmp_path, photos, query, "s1")
@@ -235,7 +269,7 @@ def test_task_index_killed_after_the_index_file_keeps_answering_right(tmp_path, 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bundle_module, "save_arrays", killed)
+    monkeypatch.setattr(bundle_module, "_save_gallery", killed)
     with pytest.raises(KeyboardInterrupt):
         run(_config(tmp_path, photos, "task=index"), tmp_path / "killed")
     monkeypatch.undo()
@@ -251,13 +285,13 @@ def test_task_index_killed_after_the_index_file_keeps_answering_right(tmp_path, 
 def test_task_search_on_a_tampered_or_legacy_bundle_is_one_line(tmp_path, photos):
     summary = run(_config(tmp_path, photos, "task=index"), tmp_path / "index")
     build, query = Path(summary["build"]), sorted(photos.glob("*.jpg"))[0]
-    gallery = dict(np.load(build / "gallery.npz"))
-    save_arrays(build / "gallery.npz", **{**gallery, "patch_image": gallery["patch_image"][::-1].copy()})
-    with pytest.raises(CacheError, match="gallery.npz: content differs from the manifest.*re-run task=index"):
+    part = build / "gallery" / "patch_image.npy"
+    np.save(part, np.load(part)[::-1].copy())
+    with pytest.raises(CacheError, match="patch_image.npy: content differs from the manifest.*re-run task=index"):
         _top(tmp_path, photos, query, "s1")
-    folder = Path(summary["bundle"])  # a bundle of the previous format: loose files, no current.json
-    for part in ("index.faiss", "gallery.npz"):
-        shutil.copy(build / part, folder / part)
+    folder = Path(summary["bundle"])  # a bundle of the first layout: loose files, no current.json
+    shutil.copy(build / "index.faiss", folder / "index.faiss")
+    save_arrays(folder / "gallery.npz", ids=np.load(build / "gallery" / "ids.npy"))
     shutil.rmtree(build)
     (folder / POINTER).unlink()
     with pytest.raises(CacheError, match="predates the atomic bundle format; re-run task=index"):

@@ -275,3 +275,32 @@ def test_patch_owners_refuse_negative_or_misshapen_tables():
         search_mod.PatchOwners.of(np.array([0, -1]))
     with pytest.raises(IndexConfigError, match="one image index per row"):
         search_mod.PatchOwners.of(np.zeros((2, 2), np.int64))
+
+
+def test_owners_by_id_equal_the_table_with_no_table_in_ram():
+    """Ids image * P + slot (sharded builds, unreadable images leaving gaps): reading the image from the id
+    gives the hits of the row table, patches returned as ids, and holds no per-patch array."""
+    rng = np.random.default_rng(3)
+    per_image, images = 5, np.array([0, 1, 3, 4, 7, 8, 9])  # images 2, 5, 6 unreadable: no rows
+    ids = (images[:, None] * per_image + np.arange(per_image)).ravel()
+    x = rng.standard_normal((len(ids), 8)).astype(np.float32)
+    x[::7] = x[1]  # ties across images: the lower id wins both ways
+    index = faiss.IndexIDMap(faiss.IndexFlatIP(8))
+    index.add_with_ids(x, ids)
+    queries = rng.standard_normal((6, 8)).astype(np.float32)
+    queries[0] = x[1]
+    owners = search_mod.PatchOwners.by_id(per_image, len(images))
+    assert owners.image is None
+    for k in (1, 3, 7, 10):
+        by_id = search_images(index, queries, owners, k)
+        by_row = search_images(index, queries, np.repeat(images, per_image), k, row_of_id=search_mod.rows_of_ids(ids))
+        assert np.array_equal(by_id.images, by_row.images) and np.allclose(by_id.scores, by_row.scores)
+        found = by_row.patches >= 0
+        assert np.array_equal(by_id.patches[found], ids[by_row.patches[found]]) and (by_id.patches[~found] == -1).all()
+    with pytest.raises(IndexConfigError, match="give no row_of_id"):
+        search_images(index, queries, owners, 3, row_of_id=search_mod.rows_of_ids(ids))
+
+
+def test_the_row_table_is_int32_below_two_billion_images():
+    owners = search_mod.PatchOwners.of(np.repeat(np.arange(1000), 30))
+    assert owners.image.dtype == np.int32 and (owners.n_images, owners.most_rows) == (1000, 30)

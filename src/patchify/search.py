@@ -3,8 +3,9 @@
 The index holds one row per patch; ``patch_image[row]`` says which image a
 row belongs to. An image's score is the max over its patches of the
 similarity to the query, and the patch giving that max is its winner. The
-index's ids are the row numbers, or (sharded indices) ids that
-``row_of_id`` maps back to rows.
+index's ids are the row numbers, or (sharded indices) ``image * P + slot``:
+``row_of_id`` maps those back to rows, or :meth:`PatchOwners.by_id` reads
+the image from the id itself (no per-patch table in RAM).
 """
 
 from __future__ import annotations
@@ -36,23 +37,46 @@ class ImageHits:
 
 @dataclass(frozen=True)
 class PatchOwners:
-    """Which image each index row belongs to, and what search needs to know of that, computed once per
-    gallery (O(patches)): a search then costs what FAISS costs plus O(queries x patches asked for),
-    whatever the gallery's size. Build it when the index is loaded and pass it to every search."""
+    """Which image each index id belongs to, and what search needs to know of that, computed once per
+    gallery: a search then costs what FAISS costs plus O(queries x patches asked for), whatever the
+    gallery's size. Build it when the index is loaded and pass it to every search.
 
-    image: np.ndarray  #: (ntotal,) int64 image index of every row
+    Two forms: :meth:`of` a table of each row's image (int32 below 2**31 images: 4 B per patch), or
+    :meth:`by_id` no table at all, for indexes whose ids are ``image * per_image + slot`` (sharded and
+    on-disk builds, ``indexing.patch_ids``): the image is ``id // per_image``. At 1M L3 images the table
+    is 120 MB next to the PQ index's 2.2 GB; the second form keeps a serving process at the index's size.
+    """
+
+    image: np.ndarray | None  #: (ntotal,) image index of every row; None for the by-id form
     n_images: int      #: images with at least one row
     most_rows: int     #: rows of the image with the most
+    per_image: int = 0  #: by-id form: ids are ``image * per_image + slot``
 
     @classmethod
     def of(cls, patch_image: np.ndarray) -> PatchOwners:
-        image = np.ascontiguousarray(patch_image, dtype=np.int64)
+        image = np.asarray(patch_image)
         if image.ndim != 1:
             raise IndexConfigError(f"search: patch_image must be one image index per row, got shape {image.shape}")
         if image.size and image.min() < 0:
             raise IndexConfigError("search: patch_image holds negative image indices")
         counts = np.bincount(image) if image.size else np.zeros(0, np.int64)
-        return cls(image, int(np.count_nonzero(counts)), int(counts.max()) if counts.size else 0)
+        dtype = np.int32 if counts.size < np.iinfo(np.int32).max else np.int64
+        return cls(np.ascontiguousarray(image, dtype=dtype), int(np.count_nonzero(counts)),
+                   int(counts.max()) if counts.size else 0)
+
+    @classmethod
+    def by_id(cls, per_image: int, n_images: int) -> PatchOwners:
+        """Owners of an index whose ids are ``image * per_image + slot`` (``n_images`` of them indexed)."""
+        if per_image < 1 or n_images < 0:
+            raise IndexConfigError(f"search: {per_image} patches per image and {n_images} images: both must be >= 1")
+        return cls(None, int(n_images), int(per_image), int(per_image))
+
+    def image_of(self, ids: np.ndarray) -> np.ndarray:
+        """The image (int64) of every id >= 0 in ``ids``; -1 where the id is -1."""
+        valid = ids >= 0
+        if self.image is None:
+            return np.where(valid, ids // self.per_image, -1)
+        return np.where(valid, self.image[np.where(valid, ids, 0)], -1).astype(np.int64, copy=False)
 
 
 def metric_of(index: faiss.Index) -> str:
@@ -108,7 +132,7 @@ def _score_then_id_order(s: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 def _aggregate(
-    sims: np.ndarray, ids: np.ndarray, patch_image: np.ndarray, k: int
+    sims: np.ndarray, ids: np.ndarray, owners: PatchOwners, k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Max per image over each row of patch results -> (images, scores, patches).
 
@@ -130,7 +154,7 @@ def _aggregate(
         ids[redo] = np.take_along_axis(ids[redo], order, axis=1)
         s[redo] = np.take_along_axis(s[redo], order, axis=1)
         valid[redo] = np.take_along_axis(valid[redo], order, axis=1)
-    img = np.where(valid, patch_image[np.where(valid, ids, 0)], -1)
+    img = owners.image_of(np.where(valid, ids, -1))
 
     # First occurrence of each image in a row: sort by (image, position),
     # keep the head of each run, scatter the flags back to ranked positions.
@@ -173,7 +197,8 @@ def search_images(
     return fewer images than exist; those are returned with a warning.
 
     ``patch_image``: the image of every row, best as :class:`PatchOwners` built once per gallery (an
-    array is summarised on every call, O(gallery)). ``metric`` defaults to the index's own; a different
+    array is summarised on every call, O(gallery)); with :meth:`PatchOwners.by_id` the returned
+    ``patches`` are the index's ids, not rows. ``metric`` defaults to the index's own; a different
     one is an error.
     ``row_of_id`` (from :func:`rows_of_ids`) maps the index's ids to rows
     when they are not the row numbers. Ties keep the lower row first. On a
@@ -192,12 +217,13 @@ def search_images(
         )
     q = np.ascontiguousarray(q, dtype=np.float32)
     owners = patch_image if isinstance(patch_image, PatchOwners) else PatchOwners.of(patch_image)
-    patch_image = owners.image
     ntotal = int(index.ntotal)
-    if patch_image.shape != (ntotal,):
+    if owners.image is not None and owners.image.shape != (ntotal,):
         raise IndexConfigError(
-            f"search: patch_image has {patch_image.size} entries, index has {ntotal} rows"
+            f"search: patch_image has {owners.image.size} entries, index has {ntotal} rows"
         )
+    if owners.image is None and row_of_id is not None:
+        raise IndexConfigError("search: owners by id (PatchOwners.by_id) read the index's ids; give no row_of_id")
 
     nq = len(q)
     images = np.full((nq, k), -1, dtype=np.int64)
@@ -231,7 +257,7 @@ def search_images(
     while True:
         dist, ids = knn(q[todo], kp)
         sims = similarity_from_distance(dist, index_metric)
-        images[todo], scores[todo], patches[todo] = _aggregate(sims, ids, patch_image, k)
+        images[todo], scores[todo], patches[todo] = _aggregate(sims, ids, owners, k)
         short = (images[todo] >= 0).sum(axis=1) < target
         # FAISS pads with -1 once every patch it can reach (an IVF's probed lists) is returned: asking for
         # more patches cannot find more images for those queries

@@ -22,12 +22,12 @@ from loguru import logger
 from omegaconf import DictConfig
 
 from .. import index as faiss_index
-from ..bundle import read_bundle
+from ..bundle import Bundle, read_bundle
 from ..data import DataError, ImageRecord, image_files
 from ..expansion import expand_and_search
 from ..extraction import describe_images
 from ..features import FeatureSource, make_feature_source
-from ..index import index_spec
+from ..index import IndexConfigError, index_spec
 from ..indexing import bundle_folder
 from ..pyramid import levels_for
 from ..report import RunReport
@@ -53,6 +53,37 @@ def _query_paths(path: str | None) -> list[Path]:
     return [path]
 
 
+class BundleSearch:
+    """Image search over a bundle, patches returned as gallery rows, holding nothing per patch in RAM when it can.
+
+    Ids ``image * P + slot`` (sharded and on-disk builds: the manifest's ``patches_per_image``) name their image
+    themselves (:meth:`PatchOwners.by_id`), and a result's row is found by binary search in the bundle's mapped,
+    increasing ``patch_ids``: per query O(results x log patches), no table. An index numbered by row reads the
+    table of each row's image (4 B per patch).
+    """
+
+    def __init__(self, bundle: Bundle):
+        gallery, counts = bundle.gallery, bundle.manifest["counts"]
+        self.index, self.patch_ids, self.row_of_id = bundle.index, gallery.get("patch_ids"), None
+        if self.patch_ids is not None and counts.get("patches_per_image"):
+            self.owners = PatchOwners.by_id(int(counts["patches_per_image"]), int(counts["indexed_images"]))
+        else:
+            self.owners = PatchOwners.of(gallery["patch_image"])
+            self.row_of_id = None if self.patch_ids is None else rows_of_ids(self.patch_ids)
+
+    def __call__(self, vectors: np.ndarray, k: int, metric: str) -> ImageHits:
+        hits = search_images(self.index, vectors, self.owners, k, metric=metric, row_of_id=self.row_of_id)
+        if self.owners.image is None:  # patches are ids: their rows
+            found = hits.patches >= 0
+            rows = np.searchsorted(self.patch_ids, hits.patches[found])
+            if len(rows) and (rows.max() >= len(self.patch_ids) or
+                              np.any(self.patch_ids[np.minimum(rows, len(self.patch_ids) - 1)] != hits.patches[found])):
+                raise IndexConfigError("search: the index returned ids no gallery patch has; index and gallery "
+                                       "table differ; re-run task=index")
+            hits.patches[found] = rows
+        return hits
+
+
 class BundleCandidates:
     """The rerank stage over a bundle: the hits' images as a small gallery of their own.
 
@@ -62,24 +93,32 @@ class BundleCandidates:
     score and their grid box, and feed no expansion.
     """
 
-    def __init__(self, cfg: DictConfig, source: FeatureSource, levels: list[int], gallery: dict[str, np.ndarray]):
+    def __init__(self, cfg: DictConfig, source: FeatureSource, levels: list[int], bundle: Bundle):
         self.cfg, self.source, self.levels = cfg, source, levels
-        self.boxes = gallery["boxes"].astype(np.float64)
-        self.patch_image = gallery["patch_image"].astype(np.int64)
-        self.records = [ImageRecord(id=str(i), path=Path(p)) for i, p in zip(gallery["ids"], gallery["paths"])]
-        self.order = np.argsort(self.patch_image, kind="stable")
-        self.starts = np.searchsorted(self.patch_image[self.order], np.arange(len(self.records) + 1))
+        gallery = bundle.gallery  # memory-mapped: only the candidates' rows are read
+        self.boxes, self.patch_image, self.ids, self.paths = (gallery[name] for name in ("boxes", "patch_image",
+                                                                                        "ids", "paths"))
+        self.order = None if bundle.manifest["counts"].get("rows_by_image") else \
+            np.argsort(self.patch_image, kind="stable")  # rows not grouped by image (not task=index's): sort once
+        self.by_image = self.patch_image if self.order is None else self.patch_image[self.order]
         self.refines = str(cfg.rerank.stage) in ("refine", "both")  # refine reads the candidates' vectors
         self._exists: dict[int, bool] = {}
         self._patches: dict[int, tuple[np.ndarray, np.ndarray] | None] = {}  # image -> (vectors, levels) or None
 
+    def record(self, image: int) -> ImageRecord:
+        return ImageRecord(id=str(self.ids[image]), path=Path(str(self.paths[image])))
+
     def rows_of(self, image: int) -> np.ndarray:
-        """The bundle rows of ``image``, in index order (levels, then cells)."""
-        return self.order[self.starts[image]:self.starts[image + 1]]
+        """The bundle rows of ``image``, in index order (levels, then cells): a binary search."""
+        first, end = np.searchsorted(self.by_image, [image, image + 1])
+        return np.arange(first, end) if self.order is None else self.order[first:end]
+
+    def boxes_of(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self.boxes[rows], np.float64)
 
     def exists(self, image: int) -> bool:
         if image not in self._exists:
-            self._exists[image] = image_exists(self.records[image].path)  # a file or a tar member
+            self._exists[image] = image_exists(self.record(image).path)  # a file or a tar member
         return self._exists[image]
 
     def load_vectors(self, images) -> None:
@@ -87,12 +126,12 @@ class BundleCandidates:
         todo = sorted({int(i) for i in images if i >= 0 and int(i) not in self._patches and self.exists(int(i))})
         if not todo:
             return
-        feats = self.source.features([self.records[i] for i in todo], self.levels, desc="candidates")
+        feats = self.source.features([self.record(i) for i in todo], self.levels, desc="candidates")
         for local, image in enumerate(todo):
             mine = np.flatnonzero(feats.image == local)
             rows = self.rows_of(image)
-            if len(mine) != len(rows) or not np.allclose(feats.boxes[mine], self.boxes[rows], atol=0.5):
-                logger.warning(f"{self.records[image].path}: changed since task=index (its patches differ from the "
+            if len(mine) != len(rows) or not np.allclose(feats.boxes[mine], self.boxes_of(rows), atol=0.5):
+                logger.warning(f"{self.record(image).path}: changed since task=index (its patches differ from the "
                                "index's); not re-ranked; re-run task=index to update the index")
                 self._patches[image] = None
                 continue
@@ -119,7 +158,7 @@ class BundleCandidates:
         results mapped back to bundle images and rows; later columns keep their place, score and grid box."""
         nq, k = hits.images.shape
         stage, n = str(self.cfg.rerank.stage), min(int(self.cfg.rerank.top_n), k)
-        boxes = self.boxes[np.maximum(hits.patches, 0)]
+        boxes = self.boxes_of(np.maximum(hits.patches, 0))
         boxes[hits.patches < 0] = np.nan
         if stage == "none" or nq == 0:
             return RerankResult(ImageHits(hits.images.copy(), hits.scores.copy(), hits.patches.copy(), boxes), {})
@@ -149,8 +188,8 @@ class BundleCandidates:
             local.images[q, :len(keep)] = [local_of[int(head[q, c])] for c in keep]
             local.scores[q, :len(keep)] = hits.scores[q, keep]
             local.patches[q, :len(keep)] = [local_row[int(hits.patches[q, c])] for c in keep]
-        out = rerank(self.cfg.rerank, queries=queries, gallery=[self.records[i] for i in images], hits=local,
-                     patch_boxes=self.boxes[sub_rows], patch_vectors=vectors, patch_image=patch_image,
+        out = rerank(self.cfg.rerank, queries=queries, gallery=[self.record(i) for i in images], hits=local,
+                     patch_boxes=self.boxes_of(sub_rows), patch_vectors=vectors, patch_image=patch_image,
                      patch_level=levels, query_vectors=query_vectors, refine_model=refine_model_of(self.cfg, self.source),
                      features_root=Path(self.cfg.paths.features) / "rerank",
                      batch_size=int(self.cfg.extract.batch_size))
@@ -187,16 +226,14 @@ def run_search(cfg: DictConfig, report: RunReport) -> dict:
     if bundle is None:
         raise DataError(f"{folder}: no index for {cfg.dataset.root} with these settings; run task=index first")
     index, gallery = bundle.index, bundle.gallery
-    row_of_id = rows_of_ids(gallery["patch_ids"]) if "patch_ids" in gallery else None
-    owners = PatchOwners.of(gallery["patch_image"])  # once per bundle: each query then costs what FAISS costs
+    image_search = BundleSearch(bundle)  # once per bundle: each query then costs what FAISS costs
     faiss_index.set_search_params(index, index_spec(cfg.index))
     stage, qe_top = str(cfg.rerank.stage), int(cfg.rerank.qe.top)
     shown = int(cfg.query.top_k)
     depth = max(shown, int(cfg.rerank.top_n) if stage != "none" else 0, qe_top)
 
     def search(vectors: np.ndarray) -> ImageHits:
-        return search_images(index, vectors, owners, depth, metric=str(cfg.index.metric),
-                             row_of_id=row_of_id)
+        return image_search(vectors, depth, metric=str(cfg.index.metric))
 
     queries, vectors, seconds, skipped, rows = [], [], [], [], []
     for record in [ImageRecord(id=str(p), path=p) for p in _query_paths(cfg.query.path)]:
@@ -215,7 +252,7 @@ def run_search(cfg: DictConfig, report: RunReport) -> dict:
         vectors = np.stack(vectors)
         hits = ImageHits(*(np.concatenate([getattr(h, name) for h in rows])
                            for name in ("images", "scores", "patches")))
-        candidates = BundleCandidates(cfg, source, levels, gallery)
+        candidates = BundleCandidates(cfg, source, levels, bundle)
         started = time.perf_counter()
         first = candidates.rerank(queries, hits, vectors)
 
