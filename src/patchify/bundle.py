@@ -39,14 +39,7 @@ import numpy as np
 
 from . import index as faiss_index
 from .assets import sha256_of
-from .cache import (
-    TEMP_NAME,
-    CacheError,
-    atomic_write_text,
-    discard,
-    file_lock,
-    sweep_temporaries,
-)
+from .cache import TEMP_NAME, CacheError, atomic_write_text, discard, file_lock, read_at_random, sweep_temporaries
 from .pyramid import patches_per_image
 
 BUNDLE_FORMAT = 2
@@ -233,7 +226,7 @@ def _load_gallery(build: Path, parts: list[str], refuse) -> dict[str, np.ndarray
             if isinstance(err, FileNotFoundError):
                 raise
             raise refuse(path, f"corrupt ({type(err).__name__})") from None
-        gallery[Path(part).stem] = mapped if mapped.nbytes >= MAPPED_BYTES else np.array(mapped)
+        gallery[Path(part).stem] = read_at_random(mapped) if mapped.nbytes >= MAPPED_BYTES else np.array(mapped)
     return gallery
 
 

@@ -32,7 +32,6 @@ index may be larger than RAM.
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import shutil
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 from loguru import logger
 
-from .cache import discard, sweep_temporaries, tmp_path_for
+from .cache import discard, read_at_random, sweep_temporaries, tmp_path_for
 
 KINDS = ("flat", "pq", "ivfpq")
 #: Refine stages (FAISS ``Refine(...)`` factory names; bytes per vector: d, 2d, 4d).
@@ -666,16 +665,8 @@ def read_refine(path: Path, base: faiss.Index) -> MappedRefine:
     if codes.ndim != 2 or codes.shape[1:] != shape or len(codes) < base.ntotal:
         raise IndexConfigError(f"{codes_path}: refine codes of shape {codes.shape} cannot hold {base.ntotal:,} vectors "
                                f"of {shape[0]} bytes; rebuild the index")
-    _read_at_random(codes)
+    read_at_random(codes)  # a shortlist row lies in one page
     return MappedRefine(base, quantizer, codes, codes_path=codes_path.resolve())
-
-
-def _read_at_random(codes: np.ndarray) -> None:
-    """Tell the kernel the mapped ``codes`` are read at random rows (``MADV_RANDOM``): a shortlist row lies
-    in one page, and the default readahead around each fault reads many pages that no query asked for."""
-    mapping = getattr(codes, "_mmap", None)
-    if mapping is not None and hasattr(mmap, "MADV_RANDOM"):
-        mapping.madvise(mmap.MADV_RANDOM)
 
 
 def _require_empty_ivf(index: faiss.Index, path: Path) -> None:
