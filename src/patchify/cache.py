@@ -123,8 +123,8 @@ def read_at_random(mapped: np.ndarray) -> np.ndarray:
     """Tell the kernel a memory-mapped array is read at random rows (``MADV_RANDOM``), and return it.
 
     A search reads a few rows (its shortlist's codes, its results' boxes and paths), each within a page or
-    two; the default readahead around each page fault reads many pages no search asked for (measured on a
-    1M-image bundle: ~200 MB of page cache mapped per query, and 4x the search time)."""
+    two; when the file is not cached, the default readahead around each page fault reads from disk many
+    pages no search asked for."""
     mapping = getattr(mapped, "_mmap", None)
     if mapping is not None and hasattr(mmap, "MADV_RANDOM"):
         mapping.madvise(mmap.MADV_RANDOM)
