@@ -303,3 +303,35 @@ def test_task_search_on_a_tampered_or_legacy_bundle_is_one_line(tmp_path, photos
 def test_search_without_a_bundle_says_to_index_first(tmp_path, photos):
     with pytest.raises(DataError, match="run task=index first"):
         _top(tmp_path, photos, sorted(photos.glob("*.jpg"))[0], "s")
+
+
+def test_bundle_search_maps_ids_to_rows_and_refuses_foreign_ids(tmp_path):
+    """task=search over a sharded bundle: results come back as gallery rows (rows are stored in id order),
+    equal to the row-table search; an id the gallery table lacks is one line, never a wrong row."""
+    from patchify.search import rows_of_ids, search_images
+    from patchify.tasks.search import BundleSearch
+
+    rng = np.random.default_rng(5)
+    images, per_image = np.array([0, 2, 3]), 5  # image 1 unreadable
+    ids = (images[:, None] * per_image + np.arange(per_image)).ravel()
+    vectors = rng.standard_normal((15, 8)).astype(np.float32)
+    order = rng.permutation(15)  # the index holds the rows in another order than the table
+    index = faiss.IndexIDMap(faiss.IndexFlatIP(8))
+    index.add_with_ids(vectors[order], ids[order])
+    gallery = {"ids": np.asarray(list("abcd")), "paths": np.asarray(list("abcd")), "levels": np.asarray([0, 1]),
+               "patch_image": np.repeat(images, per_image)[order], "patch_ids": ids[order],
+               "boxes": np.arange(60, dtype=np.float32).reshape(15, 4)[order]}
+    read = read_bundle(write_bundle(tmp_path / "b", index, gallery).parent, dim=8)
+    assert np.array_equal(read.gallery["patch_ids"], ids)  # stored in id order
+    search = BundleSearch(read)
+    assert search.owners.image is None
+    queries = rng.standard_normal((4, 8)).astype(np.float32)
+    hits = search(queries, 3, "IP")
+    expected = search_images(index, queries, gallery["patch_image"], 3, row_of_id=rows_of_ids(gallery["patch_ids"]))
+    assert np.array_equal(hits.images, expected.images)
+    assert np.array_equal(read.gallery["boxes"][hits.patches], gallery["boxes"][expected.patches])
+    foreign = faiss.IndexIDMap(faiss.IndexFlatIP(8))
+    foreign.add_with_ids(vectors, ids + 1)  # ids 1..20: 5, 10, 20 are no gallery patch's
+    read.index = foreign
+    with pytest.raises(bundle_module.faiss_index.IndexConfigError, match="ids no gallery patch has.*re-run task=index"):
+        BundleSearch(read)(vectors[[4, 9, 14]], 3, "IP")
