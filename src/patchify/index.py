@@ -287,7 +287,7 @@ def is_gpu_index(index: faiss.Index) -> bool:
 
 def _nlist(index: faiss.Index) -> int | None:
     """Number of inverted lists, or None for a non-IVF index."""
-    index = index.base if isinstance(index, MappedRefine) else index
+    index = quantised_part(index)
     if is_gpu_index(index):
         return getattr(index, "nlist", None)
     ivf = faiss.try_extract_index_ivf(index)
@@ -311,7 +311,7 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
     if is_gpu_index(index):
         faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
     else:
-        faiss.extract_index_ivf(index.base if isinstance(index, MappedRefine) else index).nprobe = nprobe
+        faiss.extract_index_ivf(quantised_part(index)).nprobe = nprobe
 
 
 def to_cpu(index: faiss.Index) -> faiss.Index:
@@ -338,7 +338,7 @@ def ivfdata_path(path: Path) -> Path:
 
 def _on_disk_lists(index: faiss.Index):
     """The ``OnDiskInvertedLists`` of ``index``, or None."""
-    index = index.base if isinstance(index, MappedRefine) else index
+    index = quantised_part(index)
     ivf = None if is_gpu_index(index) else faiss.try_extract_index_ivf(index)
     if ivf is None:
         return None
@@ -712,11 +712,13 @@ def shard_is_complete(path: Path, expected: int, refined: bool = False) -> bool:
     """True when shard file ``path`` holds ``expected`` vectors and, when ``refined``, as many refine codes."""
     if read_index(path, mmap=True).ntotal != expected:
         return False
-    codes = shard_refine_path(path)
-    if not refined:
-        return True
+    return not refined or _has_refine_codes(path, expected)
+
+
+def _has_refine_codes(shard: Path, expected: int) -> bool:
+    """True when the refine codes beside shard file ``shard`` are readable and ``expected`` rows long."""
     try:
-        return len(_load_codes(codes)) == expected
+        return len(_load_codes(shard_refine_path(shard))) == expected
     except IndexConfigError:
         return False
 
@@ -740,13 +742,14 @@ def merge_shards(trained_path: Path, shard_paths: list[Path], path: Path, on_dis
     for shard in map(Path, shard_paths):
         if not shard.is_file():
             raise IndexConfigError(f"{shard}: index shard missing; populate it before merging")
-        state = _trained_state(read_index(shard, mmap=True))
+        populated = read_index(shard, mmap=True)
+        state = _trained_state(populated)
         if state[0] != shape:
             raise IndexConfigError(f"{shard}: shard of an index with {state[0]}, but {trained_path.name} has {shape}")
         if state[1] != centroids:
             raise IndexConfigError(f"{shard}: populated from another trained index than {trained_path.name} "
                                    "(centroids differ); delete the shard to populate it again")
-        if refine is not None and not shard_is_complete(shard, read_index(shard, mmap=True).ntotal, refined=True):
+        if refine is not None and not _has_refine_codes(shard, populated.ntotal):
             raise IndexConfigError(f"{shard_refine_path(shard)}: refine codes do not match shard {shard.name}; "
                                    "delete the shard to populate it again")
     if not on_disk:
