@@ -42,13 +42,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from index_scale import drop_from_page_cache  # noqa: E402  (benchmarks/ is this script's folder)
+from index_scale import drop_from_page_cache, status_bytes as status  # noqa: E402  (benchmarks/ is this script's folder)
 from patchify import index as faiss_index  # noqa: E402
-
-
-def status(key: str) -> int:
-    """A /proc/self/status field in bytes (VmData, VmHWM, RssAnon, ...)."""
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
 
 
 def vectors(rng: np.random.Generator, centres: np.ndarray, n: int) -> np.ndarray:

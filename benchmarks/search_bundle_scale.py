@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "src"))
 
-from image_search_overhead import D, PATCHES, proxy_index, unit  # noqa: E402
+from image_search_overhead import D, PATCHES, nlist_for, proxy_index, unit  # noqa: E402
 from mapped_refine_proxy import write_codes  # noqa: E402
 
 from patchify.bundle import write_bundle  # noqa: E402
@@ -49,14 +49,16 @@ from patchify.pyramid import level_boxes  # noqa: E402
 LEVELS = [0, 1, 2, 3]
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 
-def memory():
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return {name: int(fields[name].split()[0]) * 1024 for name in ("RssAnon", "RssFile", "VmHWM")}
-
 sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[5])
+from index_scale import status_bytes
+
+def memory():
+    return {name: status_bytes(name) for name in ("RssAnon", "RssFile", "VmHWM")}
+
 import faiss
 from hydra import compose, initialize_config_dir
 import patchify.tasks.search as task
@@ -87,7 +89,6 @@ faiss.omp_set_num_threads(1)  # one search thread, as the latency targets say; t
 started = time.perf_counter()
 run(cfg, Path(sys.argv[4]))
 out["run_s"] = time.perf_counter() - started
-out["after"] = memory()
 print("RESULT " + json.dumps(out))
 """
 
@@ -126,7 +127,7 @@ def main() -> None:
         shutil.copy(path, queries / f"q{i:03d}_{path.name}")
     (work / "gallery").mkdir(exist_ok=True)
     overrides = ["task=search", "dataset=folder", f"dataset.root={work / 'gallery'}", f"paths.indices={work / 'indices'}",
-                 f"paths.features={work / 'features'}", "index=ivfpq", f"index.nlist={_nlist(args.images)}",
+                 f"paths.features={work / 'features'}", "index=ivfpq", f"index.nlist={nlist_for(args.images * PATCHES)}",
                  "index.m=64", "index.nbits=8", "index.shards=2", f"index.nprobe={args.nprobe}",
                  f"query.path={queries}", f"query.top_k={args.top_k}", "pyramid.level=3",
                  *([f"index.refine={args.refine}", f"index.k_factor={args.k_factor:g}"] if args.refine != "none" else [])]
@@ -170,7 +171,7 @@ def main() -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
     started = time.perf_counter()
     child = subprocess.run([sys.executable, "-c", CHILD, str(ROOT / "src"), str(ROOT / "configs"),
-                            json.dumps(overrides), str(run_dir)], capture_output=True, text=True)
+                            json.dumps(overrides), str(run_dir), str(ROOT / "benchmarks")], capture_output=True, text=True)
     wall = time.perf_counter() - started
     line = [x for x in child.stdout.splitlines() if x.startswith("RESULT ")]
     if child.returncode or not line:
@@ -194,11 +195,6 @@ def main() -> None:
           f"{per_image(after, 'RssAnon'):,.0f} / {per_image(after, 'RssFile'):,.0f} | {after['VmHWM'] / 1e9:.2f} |")
     if not args.keep:
         shutil.rmtree(work)
-
-
-def _nlist(images: int) -> int:
-    from image_search_overhead import nlist_for
-    return nlist_for(images * PATCHES)
 
 
 if __name__ == "__main__":
