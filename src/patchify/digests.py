@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 from loguru import logger
 
 from .cache import atomic_write_text, content_key, sweep_temporaries
-from .tar_images import image_identity, open_image_file
+from .tar_images import image_identity, open_image_file, stat_signature
 
 DIGEST_SIZE = 16  # bytes: 128-bit BLAKE2b, 32 hex characters
 
@@ -44,10 +44,7 @@ def stat_identity(path: Path) -> str:
     """What changes whenever a file's bytes may have changed: size, mtime, ctime, inode, device; for a
     member of a tar shard, its shard's, plus the member's offset and size (a rewritten shard is hashed again)."""
     member = image_identity(path)
-    if member is not None:
-        return member
-    stat = os.stat(path)
-    return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}:{stat.st_dev}"
+    return member if member is not None else stat_signature(os.stat(path))
 
 
 def region_key(digest: str, boxes: Sequence[Sequence[float]] | None) -> str:

@@ -63,7 +63,8 @@ class ShardIndex:
 _INDICES: dict[str, ShardIndex] = {}
 
 
-def _identity(stat: os.stat_result) -> str:
+def stat_signature(stat: os.stat_result) -> str:
+    """What changes whenever a file's bytes may have changed: size, mtime, ctime, inode, device."""
     return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}:{stat.st_dev}"
 
 
@@ -73,7 +74,7 @@ def _normalised(name: str) -> str:
 
 
 def _list_members(shard: Path, stat: os.stat_result) -> ShardIndex:
-    index = ShardIndex(shard=shard, identity=_identity(stat), file_size=stat.st_size)
+    index = ShardIndex(shard=shard, identity=stat_signature(stat), file_size=stat.st_size)
     try:
         with tarfile.open(shard, mode="r:") as tar:  # uncompressed only: members must be addressable by offset
             while True:
@@ -107,7 +108,7 @@ def shard_index(shard: Path) -> ShardIndex:
     key = os.path.abspath(shard)
     stat = os.stat(shard)
     known = _INDICES.get(key)
-    if known is None or known.identity != _identity(stat):
+    if known is None or known.identity != stat_signature(stat):
         known = _INDICES[key] = _list_members(shard, stat)
     return known
 
